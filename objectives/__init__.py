@@ -1,0 +1,31 @@
+"""How a candidate is scored: accuracy, size, latency, energy, and device profiles.
+
+Built-in objectives are found by name in ``OBJECTIVES``; the study's Optuna directions are
+read from the objective classes, so they cannot disagree.
+
+Example:
+    >>> from edgeslim.objectives import OBJECTIVES
+    >>> [(n, OBJECTIVES[n].direction) for n in ("accuracy", "size_bytes")]
+    [('accuracy', 'maximize'), ('size_bytes', 'minimize')]
+"""
+
+from edgeslim.objectives._accuracy import AccuracyObjective, evaluate_accuracy, finetune_
+from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
+from edgeslim.objectives._data import batches, sample_inputs
+from edgeslim.objectives._device import DeviceProfile, EnergyConstants
+from edgeslim.objectives._energy import EnergyBreakdown, EnergyObjective, estimate_energy
+from edgeslim.objectives._export import LatencyStats, build_artifact, export_onnx, measure_latency, quantize_onnx
+from edgeslim.objectives._latency import LatencyObjective
+from edgeslim.objectives._size import SizeObjective, model_size_bytes
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (AccuracyObjective, SizeObjective, LatencyObjective, EnergyObjective)
+}
+
+__all__ = sorted([
+    "AccuracyObjective", "Candidate", "DataSplits", "DeviceProfile", "EnergyBreakdown",
+    "EnergyConstants", "EnergyObjective", "EvalContext", "FinetuneConfig", "LatencyObjective",
+    "LatencyStats", "OBJECTIVES", "Objective", "SizeObjective", "batches", "build_artifact",
+    "estimate_energy", "evaluate_accuracy", "export_onnx", "finetune_", "measure_latency",
+    "model_size_bytes", "quantize_onnx", "sample_inputs",
+])

@@ -1,0 +1,87 @@
+"""Accuracy: a short, seeded fine-tune of the candidate, then top-1 on the held-out split."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
+from edgeslim.objectives._data import batches
+
+__all__ = ["AccuracyObjective", "evaluate_accuracy", "finetune_"]
+
+
+def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int) -> float:
+    """Fine-tune ``model`` in place on ``data.train`` for ``cfg.steps`` steps; returns last loss.
+
+    AdamW with cosine decay to zero; batch order and dropout depend only on ``seed``.
+
+    Example:
+        >>> finetune_(model, data, FinetuneConfig(steps=10), seed=0)  # doctest: +SKIP
+        0.42
+    """
+    if cfg.steps <= 0:
+        return float("nan")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    step, loss_value = 0, float("nan")
+    while step < cfg.steps:
+        for x, y in batches(data.train, cfg.batch_size, shuffle=True, generator=gen):
+            lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_value = float(loss)
+            step += 1
+            if step >= cfg.steps:
+                break
+    model.eval()
+    return loss_value
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, data: DataSplits, batch_size: int = 256) -> tuple[float, list[float]]:
+    """Top-1 accuracy on ``data.val`` and the accuracy of each class (NaN for absent classes).
+
+    Example:
+        >>> acc, per_class = evaluate_accuracy(model, data)  # doctest: +SKIP
+    """
+    model.eval()
+    correct = torch.zeros(data.num_classes)
+    total = torch.zeros(data.num_classes)
+    for x, y in batches(data.val, batch_size):
+        pred = model(x).argmax(dim=1)
+        total += torch.bincount(y, minlength=data.num_classes).float()
+        correct += torch.bincount(y[pred == y], minlength=data.num_classes).float()
+    per_class = [float(c / t) if t > 0 else float("nan") for c, t in zip(correct, total)]
+    return float(correct.sum() / total.sum().clamp_min(1)), per_class
+
+
+class AccuracyObjective(Objective):
+    """Top-1 accuracy (0..1) on the held-out split after a short fine-tune.
+
+    Records ``per_class_accuracy`` and ``finetune_loss`` in ``candidate.metrics``.
+
+    Example:
+        >>> AccuracyObjective.direction
+        'maximize'
+    """
+
+    name = "accuracy"
+    direction = "maximize"
+    unit = ""
+
+    def evaluate(self, candidate: Candidate, ctx: EvalContext) -> float:
+        loss = finetune_(candidate.model, ctx.data, ctx.finetune, ctx.seed)
+        acc, per_class = evaluate_accuracy(candidate.model, ctx.data)
+        candidate.metrics["per_class_accuracy"] = per_class
+        candidate.metrics["finetune_loss"] = loss
+        return acc

@@ -1,0 +1,109 @@
+"""The objective base class, the candidate it scores and the context it scores in."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from edgeslim.objectives._device import DeviceProfile
+from edgeslim.spaces import Plan
+
+__all__ = ["Candidate", "DataSplits", "EvalContext", "FinetuneConfig", "Objective"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSplits:
+    """Training data (fine-tuning and calibration) and a held-out split fine-tuning never sees.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> d = TensorDataset(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+        >>> DataSplits(d, d, num_classes=2).num_classes
+        2
+    """
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Short fine-tune after compression: AdamW with cosine decay, fixed seed.
+
+    Example:
+        >>> FinetuneConfig(steps=50).lr
+        0.001
+    """
+
+    steps: int = 150
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """What every objective may use: data, fine-tune settings, device, scratch folder, seed.
+
+    Example:
+        >>> ctx = EvalContext(data=None, example_input=torch.zeros(1, 4))  # doctest: +SKIP
+    """
+
+    data: DataSplits
+    example_input: torch.Tensor
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    device: DeviceProfile = dataclasses.field(default_factory=DeviceProfile.local)
+    workdir: Path = Path(".")
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A realized plan being scored. Objectives record side results in ``metrics``.
+
+    ``model`` is the realized module (fake-quantized layers included); fine-tuning updates
+    it in place, which is why accuracy runs first.
+
+    Example:
+        >>> c = Candidate(plan=Plan(), model=nn.Linear(2, 2))
+        >>> c.metrics
+        {}
+    """
+
+    plan: Plan
+    model: nn.Module
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Objective(abc.ABC):
+    """One scored quantity. Subclasses set ``name``, ``direction`` and ``unit``.
+
+    ``requires`` lists objectives whose results this one reads from ``candidate.metrics``;
+    the study orders objectives so those run first.
+
+    Example:
+        >>> class ParamCount(Objective):
+        ...     name, direction, unit = "params", "minimize", ""
+        ...     def evaluate(self, candidate, ctx):
+        ...         return float(sum(p.numel() for p in candidate.model.parameters()))
+        >>> ParamCount().evaluate(Candidate(Plan(), nn.Linear(2, 2)), None)
+        6.0
+    """
+
+    name: ClassVar[str]
+    direction: ClassVar[Literal["minimize", "maximize"]]
+    unit: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    estimated: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def evaluate(self, candidate: Candidate, ctx: EvalContext) -> float:
+        """Score ``candidate``; record extra results in ``candidate.metrics``."""

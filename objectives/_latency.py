@@ -1,0 +1,47 @@
+"""Latency: the candidate's ONNX artifact measured with ONNX Runtime at batch 1."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeslim.objectives._base import Candidate, EvalContext, Objective
+from edgeslim.objectives._data import sample_inputs
+from edgeslim.objectives._export import build_artifact, measure_latency
+from edgeslim.spaces import layer_bits
+
+__all__ = ["LatencyObjective"]
+
+CALIBRATION_SAMPLES = 32
+
+
+class LatencyObjective(Objective):
+    """Median batch-1 latency (ms) of the exported, quantized candidate on this machine.
+
+    Records ``latency_p95_ms``, ``latency_runs``, ``latency_method``, ``artifact_bytes`` (the
+    ONNX file's size) and ``runtime_bits`` (the bits each layer really runs at).
+
+    Example:
+        >>> LatencyObjective.direction
+        'minimize'
+    """
+
+    name = "latency_ms"
+    direction = "minimize"
+    unit = "ms"
+
+    def evaluate(self, candidate: Candidate, ctx: EvalContext) -> float:
+        calib = [t.numpy().astype(np.float32)
+                 for t in sample_inputs(ctx.data.train, CALIBRATION_SAMPLES, ctx.seed)]
+        path, runtime_bits = build_artifact(candidate.model, ctx.example_input,
+                                            layer_bits(candidate.model), calib, ctx.workdir)
+        stats = measure_latency(path, tuple(ctx.example_input.shape), threads=ctx.device.threads,
+                                seed=ctx.seed)
+        candidate.metrics.update(
+            latency_p95_ms=stats.p95_ms,
+            latency_runs=stats.runs,
+            latency_method=f"measured: onnxruntime CPU, {stats.threads} thread(s), batch 1, "
+                           f"median of {stats.runs} runs",
+            artifact_bytes=path.stat().st_size,
+            runtime_bits=runtime_bits,
+        )
+        return stats.p50_ms

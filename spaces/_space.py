@@ -1,0 +1,337 @@
+"""The compression space of one model: pruning groups, knobs, plans, and realizing a plan."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from optuna.distributions import BaseDistribution
+from torch import nn
+
+from edgeslim.spaces._errors import InfeasiblePlanError, SpaceError
+from edgeslim.spaces._inventory import COMPRESSIBLE_TYPES, LayerInfo, inventory
+from edgeslim.spaces._knobs import SUPPORTED_BITS, BitsKnob, Knob, RankKnob, RuleSet, SparsityKnob
+from edgeslim.spaces._lowrank import factorize, factorized_params, rank_for
+from edgeslim.spaces._plan import LayerPlan, Plan
+from edgeslim.spaces._quant import QuantizedLayer, _set_submodule
+
+__all__ = ["CompressionSpace", "PruneGroup"]
+
+log = logging.getLogger("edgeslim")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneGroup:
+    """Layers whose output channels must be removed together (residual adds, depthwise chains).
+
+    ``name`` is the first member in execution order; ``root`` is the layer torch-pruning
+    grows the group from.
+
+    Example:
+        >>> PruneGroup("layer1.0.conv1", "layer1.0.conv1", ("layer1.0.conv1",), 64).members
+        ('layer1.0.conv1',)
+    """
+
+    name: str
+    root: str
+    members: tuple[str, ...]
+    channels: int
+
+
+def _pruned_count(channels: int, sparsity: float) -> int:
+    return int(sparsity * channels + 1e-9)
+
+
+class CompressionSpace:
+    """Everything the search may change on one model, for one example input.
+
+    Build it with :meth:`build`; it never modifies the base model.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+        >>> space = CompressionSpace.build(m, torch.zeros(1, 1, 8, 8))
+        >>> sorted(space.distributions())[:2]
+        ['0.bits', '0.rank']
+        >>> space.realize(m, space.dense_plan())(torch.zeros(1, 1, 8, 8)).shape
+        torch.Size([1, 10])
+    """
+
+    def __init__(self, layers: tuple[LayerInfo, ...], groups: tuple[PruneGroup, ...],
+                 knobs: tuple[Knob, ...], example_input: torch.Tensor,
+                 excluded: Mapping[str, str]) -> None:
+        self.layers = layers
+        self.groups = groups
+        self.knobs = knobs
+        self.example_input = example_input
+        self.excluded = dict(excluded)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def build(cls, model: nn.Module, example_input: torch.Tensor, rules: RuleSet | None = None) -> CompressionSpace:
+        """Inventory ``model``, find coupled pruning groups with torch-pruning, apply ``rules``.
+
+        Layers that cannot be pruned safely are left out of the sparsity space with a warning
+        naming them; they keep their rank and bits knobs.
+        Raises :class:`SpaceError` when nothing is left to search.
+        """
+        rules = rules or RuleSet()
+        layers = tuple(inventory(model, example_input))
+        if not layers:
+            raise SpaceError("the model has no Conv1d/Conv2d/Linear layer to compress; "
+                             "edgeslim compresses models built from those layers")
+        unknown = rules.unknown_exact([l.name for l in layers])
+        if unknown:
+            raise SpaceError(f"rules name layers the model does not have: {unknown}; "
+                             f"known layers: {[l.name for l in layers][:20]}")
+        by_name = {l.name: l for l in layers}
+        excluded: dict[str, str] = {}
+        groups = _find_groups(model, example_input, layers, excluded)
+
+        knobs: list[Knob] = []
+        for g in groups:
+            member_rules = [rules.resolve(m) for m in g.members]
+            if any(r.freeze for r in member_rules):
+                continue
+            choices = set(member_rules[0].sparsity or (0.0,))
+            for r in member_rules[1:]:
+                choices &= set(r.sparsity or (0.0,))
+            choices = {c for c in choices if g.channels - _pruned_count(g.channels, c) >= 1}
+            if choices - {0.0}:
+                knobs.append(SparsityKnob(g.name, tuple(sorted(choices | {0.0}))))
+        for layer in layers:
+            rule = rules.resolve(layer.name)
+            if rule.freeze:
+                continue
+            ranks = _useful_ranks(layer, rule.rank or (1.0,))
+            if len(ranks) > 1:
+                knobs.append(RankKnob(layer.name, ranks))
+            bits = tuple(rule.bits or (32,))
+            if bits != (32,):
+                knobs.append(BitsKnob(layer.name, bits))
+        space = cls(layers, groups, tuple(knobs), example_input, excluded)
+        if not space.distributions():
+            raise SpaceError(
+                "nothing to search: every layer is frozen or has a single allowed value; "
+                "unfreeze some layers or widen their sparsity/rank/bits choices in the spec's [space] rules")
+        del by_name
+        return space
+
+    # ---- optuna side --------------------------------------------------------------------
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """Optuna distributions of the knobs that have more than one choice."""
+        return {k.param_name: k.to_distribution() for k in self.knobs if len(k.choices) > 1}
+
+    def plan_from_params(self, params: Mapping[str, Any]) -> Plan:
+        """The plan an Optuna trial's params describe (fixed knobs take their single value)."""
+        groups: dict[str, float] = {}
+        layers: dict[str, dict[str, Any]] = {}
+        for k in self.knobs:
+            value = params.get(k.param_name, k.choices[0])
+            if isinstance(k, SparsityKnob):
+                groups[k.target] = float(value)
+            else:
+                layers.setdefault(k.target, {})[k.suffix] = value
+        return Plan.from_dicts(
+            groups,
+            {name: LayerPlan(rank=float(v.get("rank", 1.0)), bits=int(v.get("bits", 32)))
+             for name, v in layers.items()},
+        )
+
+    def params_of(self, plan: Plan) -> dict[str, Any]:
+        """Optuna params (searchable knobs only) that reproduce ``plan``; inverse of plan_from_params."""
+        out: dict[str, Any] = {}
+        for k in self.knobs:
+            if len(k.choices) < 2:
+                continue
+            if isinstance(k, SparsityKnob):
+                value: Any = plan.sparsity_of(k.target)
+            elif isinstance(k, RankKnob):
+                value = plan.layer(k.target).rank
+            else:
+                value = plan.layer(k.target).bits
+            out[k.param_name] = _nearest(k.choices, value)
+        return out
+
+    def dense_plan(self) -> Plan:
+        """No pruning, no factorization, fp32 everywhere."""
+        return self.uniform_plan(sparsity=0.0, rank=1.0, bits=32)
+
+    def uniform_plan(self, sparsity: float = 0.0, rank: float = 1.0, bits: int = 32) -> Plan:
+        """The same setting on every layer, snapped to each knob's nearest allowed value."""
+        params: dict[str, Any] = {}
+        for k in self.knobs:
+            target = {"sparsity": sparsity, "rank": rank, "bits": bits}[k.suffix]
+            params[k.param_name] = _nearest(k.choices, target)
+        return self.plan_from_params(params)
+
+    # ---- feasibility and realization ----------------------------------------------------
+    def check(self, plan: Plan) -> None:
+        """Raise :class:`InfeasiblePlanError` naming the first bad entry of ``plan``."""
+        groups = {g.name: g for g in self.groups}
+        layers = {l.name: l for l in self.layers}
+        for name, s in plan.groups:
+            if name not in groups:
+                raise InfeasiblePlanError(f"plan prunes unknown group {name!r}; "
+                                          f"known groups: {sorted(groups)}")
+            if not 0.0 <= s < 1.0:
+                raise InfeasiblePlanError(f"sparsity of group {name!r} must be in [0, 1), got {s!r}")
+            g = groups[name]
+            if g.channels - _pruned_count(g.channels, s) < 1:
+                raise InfeasiblePlanError(
+                    f"sparsity {s!r} prunes group {name!r} to zero of its {g.channels} channels; "
+                    "lower its sparsity")
+        for name, lp in plan.layers:
+            if name not in layers:
+                raise InfeasiblePlanError(f"plan names unknown layer {name!r}; "
+                                          f"known layers: {sorted(layers)[:20]}")
+            if not 0.0 < lp.rank <= 1.0:
+                raise InfeasiblePlanError(f"rank ratio of {name!r} must be in (0, 1], got {lp.rank!r}; "
+                                          "use 1.0 to disable factorization")
+            if lp.rank < 1.0 and layers[name].groups != 1 and layers[name].kind != "linear":
+                raise InfeasiblePlanError(f"layer {name!r} is a grouped convolution and cannot be "
+                                          f"factorized (rank {lp.rank!r}); use rank 1.0")
+            if lp.bits not in SUPPORTED_BITS:
+                raise InfeasiblePlanError(f"bits of {name!r} must be one of {list(SUPPORTED_BITS)}, "
+                                          f"got {lp.bits!r}")
+
+    def realize(self, base: nn.Module, plan: Plan) -> nn.Module:
+        """A new module implementing ``plan`` on ``base``; ``base`` is never modified.
+
+        Order: prune coupled channels (physically, with torch-pruning), then factorize the
+        pruned weights by truncated SVD, then wrap quantized layers with fake quantization.
+        """
+        self.check(plan)
+        model = copy.deepcopy(base).eval()
+        if any(s > 0 for _, s in plan.groups):
+            _prune_(model, self, plan)
+        for name, lp in plan.layers:
+            target: nn.Module = model.get_submodule(name)
+            if lp.rank < 1.0:
+                pair = factorize(target, lp.rank)
+                if pair is None:
+                    log.info("layer %s: rank %.2f after pruning is not smaller; kept unfactorized",
+                             name, lp.rank)
+                else:
+                    _set_submodule(model, name, pair)
+                    target = pair
+            if lp.bits < 32:
+                if isinstance(target, nn.Sequential):
+                    for i, factor in enumerate(target):
+                        target[i] = QuantizedLayer(factor, lp.bits)
+                else:
+                    _set_submodule(model, name, QuantizedLayer(target, lp.bits))
+        return model
+
+
+def _nearest(choices: tuple[float | int, ...], value: float | int) -> float | int:
+    return min(choices, key=lambda c: (abs(c - value), c))
+
+
+def _useful_ranks(layer: LayerInfo, ratios: tuple[float, ...]) -> tuple[float, ...]:
+    if layer.kind != "linear" and layer.groups != 1:
+        return (1.0,)
+    k = 1 if layer.kind == "linear" else int(torch.tensor(layer.kernel_size).prod())
+    dense = layer.out_channels * layer.in_channels * k
+    useful = {r for r in ratios if r < 1.0
+              and factorized_params(layer.out_channels, layer.in_channels, k,
+                                    rank_for(layer.full_rank, r)) < dense}
+    return tuple(sorted(useful | {1.0}))
+
+
+def _output_layer(layers: tuple[LayerInfo, ...]) -> str:
+    return max(layers, key=lambda l: l.order).name
+
+
+def _find_groups(model: nn.Module, example: torch.Tensor, layers: tuple[LayerInfo, ...],
+                 excluded: dict[str, str]) -> tuple[PruneGroup, ...]:
+    work = copy.deepcopy(model).eval()
+    names = {m: n for n, m in work.named_modules()}
+    order = {l.name: l.order for l in layers}
+    out_layer = _output_layer(layers)
+    excluded[out_layer] = "output layer: its output channels are the model's outputs"
+    try:
+        dg = tp.DependencyGraph().build_dependency(
+            work, example_inputs=example, verbose=False)
+        raw = list(dg.get_all_groups(ignored_layers=[work.get_submodule(out_layer)],
+                                     root_module_types=list(COMPRESSIBLE_TYPES)))
+    except Exception as e:  # torch-pruning cannot trace some models; the rest of the space stays
+        warnings.warn(f"torch-pruning could not trace the model ({e!r}); channel pruning is off "
+                      "for every layer, rank and bits are still searched", stacklevel=3)
+        for l in layers:
+            excluded.setdefault(l.name, "torch-pruning could not trace the model")
+        return ()
+    groups: list[PruneGroup] = []
+    for g in raw:
+        members = sorted({names[it.dep.target.module] for it in g
+                          if isinstance(it.dep.target.module, COMPRESSIBLE_TYPES)
+                          and "out_channels" in getattr(it.dep.handler, "__name__", "")
+                          and names.get(it.dep.target.module) in order},
+                         key=order.__getitem__)
+        if not members or out_layer in members:
+            continue
+        root = names[g[0].dep.target.module]
+        channels = len(g[0].idxs)
+        if channels < 2:
+            continue
+        groups.append(PruneGroup(members[0], root, tuple(members), channels))
+    groups = _drop_unsafe(model, example, groups, excluded)
+    covered = {m for g in groups for m in g.members}
+    missed = [l.name for l in layers if l.name not in covered and l.name not in excluded]
+    for name in missed:
+        excluded[name] = "torch-pruning's dependency graph offers no safe way to remove its output channels"
+    if missed:
+        warnings.warn(f"channel pruning left out for {missed}: torch-pruning's dependency graph "
+                      "offers no safe way to remove their output channels; rank and bits still apply",
+                      stacklevel=3)
+    return tuple(sorted(groups, key=lambda g: order[g.name]))
+
+
+def _drop_unsafe(model: nn.Module, example: torch.Tensor, groups: list[PruneGroup],
+                 excluded: dict[str, str]) -> list[PruneGroup]:
+    """Prune one channel of every group on a copy; drop groups whose pruning breaks the model."""
+    def works(subset: list[PruneGroup]) -> bool:
+        space = CompressionSpace((), tuple(subset), (), example, {})
+        plan = Plan.from_dicts({g.name: 1.0 / g.channels for g in subset}, {})
+        try:
+            m = copy.deepcopy(model).eval()
+            _prune_(m, space, plan)
+            with torch.no_grad():
+                return tuple(m(example).shape) == tuple(model.eval()(example).shape)
+        except Exception:
+            return False
+
+    if not groups or works(groups):
+        return groups
+    kept = []
+    for g in groups:
+        if works([g]):
+            kept.append(g)
+        else:
+            for m in g.members:
+                excluded[m] = "pruning its channels breaks the forward pass"
+            warnings.warn(f"channel pruning left out for {list(g.members)}: removing their channels "
+                          "breaks the forward pass", stacklevel=4)
+    return kept
+
+
+def _prune_(model: nn.Module, space: CompressionSpace, plan: Plan) -> None:
+    """Remove channels in place with torch-pruning's dependency graph (lowest L1 norm first)."""
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=space.example_input, verbose=False)
+    importance = tp.importance.GroupMagnitudeImportance(p=1)
+    for g in space.groups:
+        s = plan.sparsity_of(g.name)
+        n = _pruned_count(g.channels, s)
+        if n == 0:
+            continue
+        root = model.get_submodule(g.root)
+        fn = dg.get_pruner_of_module(root).prune_out_channels
+        full = dg.get_pruning_group(root, fn, list(range(g.channels)))
+        scores = importance(full)
+        idxs = torch.argsort(scores)[:n].tolist()
+        dg.get_pruning_group(root, fn, idxs).prune()
