@@ -39,7 +39,7 @@ def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_value = float(loss)
+            loss_value = loss.item()
             step += 1
             if step >= cfg.steps:
                 break

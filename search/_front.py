@@ -1,0 +1,102 @@
+"""The Pareto front of a study as plain records, and writing pareto.json / pareto.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = ["baseline_trial", "front_entries", "trial_record", "write_front"]
+
+METRIC_KEYS = ("latency_p95_ms", "latency_method", "energy_method", "artifact_bytes", "runtime_bits",
+               "per_class_accuracy", "seconds")
+
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The study's completed dense (uncompressed) baseline trial, if any."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("preset") == "dense":
+            return t
+    return None
+
+
+def trial_record(trial: FrozenTrial, names: Sequence[str]) -> dict[str, Any]:
+    """Objective values, plan and side metrics of one completed trial.
+
+    Example:
+        >>> trial_record(study.best_trials[0], ["accuracy"])["trial"]  # doctest: +SKIP
+        0
+    """
+    rec: dict[str, Any] = {"trial": trial.number, "preset": trial.user_attrs.get("preset", "")}
+    rec.update(dict(zip(names, trial.values)))
+    for key in METRIC_KEYS:
+        if key in trial.user_attrs:
+            rec[key] = trial.user_attrs[key]
+    rec["feasible"] = all(v <= 0 for v in trial.user_attrs.get("constraints", {}).values())
+    rec["constraints"] = trial.user_attrs.get("constraints", {})
+    rec["plan"] = trial.user_attrs.get("plan")
+    rec["plan_summary"] = trial.user_attrs.get("plan_summary", "")
+    return rec
+
+
+def _deltas(rec: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if "accuracy" in rec and "accuracy" in base:
+        out["accuracy_drop_pp"] = 100.0 * (base["accuracy"] - rec["accuracy"])
+    if "per_class_accuracy" in rec and "per_class_accuracy" in base:
+        drops = [100.0 * (b - a) for a, b in zip(rec["per_class_accuracy"], base["per_class_accuracy"])
+                 if not (math.isnan(a) or math.isnan(b))]
+        out["max_class_drop_pp"] = max(drops) if drops else 0.0
+    for key, name in (("size_bytes", "size_reduction"), ("latency_ms", "latency_speedup"),
+                      ("energy_mj", "energy_reduction")):
+        if key in rec and key in base and rec[key] > 0:
+            out[name] = base[key] / rec[key]
+    return out
+
+
+def front_entries(study: optuna.Study, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Pareto-optimal (and, under budgets, feasible) trials, best accuracy first.
+
+    Every entry carries ``baseline`` (the dense trial's metrics) and ``vs_baseline``
+    (accuracy drop in percentage points, largest per-class drop, size/latency/energy ratios).
+    """
+    base_t = baseline_trial(study)
+    base = trial_record(base_t, names) if base_t else {}
+    base_small = {k: base[k] for k in (*names, "latency_p95_ms", "per_class_accuracy", "trial") if k in base}
+    entries = []
+    for t in study.best_trials:
+        rec = trial_record(t, names)
+        rec["baseline"] = base_small
+        rec["vs_baseline"] = _deltas(rec, base) if base else {}
+        entries.append(rec)
+    key = names[0] if names and names[0] == "accuracy" else None
+    entries.sort(key=lambda r: (-r[key] if key else 0, r.get("latency_ms", 0), r["trial"]))
+    return entries
+
+
+_CSV_COLUMNS = ("trial", "preset", "accuracy", "size_bytes", "latency_ms", "latency_p95_ms", "energy_mj",
+                "accuracy_drop_pp", "max_class_drop_pp", "size_reduction", "latency_speedup",
+                "energy_reduction", "feasible", "plan_summary", "plan")
+
+
+def write_front(entries: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
+    """Write ``pareto.json`` (the full entries) and ``pareto.csv`` (one flat row per entry)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, cpath = out_dir / "pareto.json", out_dir / "pareto.csv"
+    tmp = jpath.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(entries, indent=2, sort_keys=True, default=float))
+    tmp.replace(jpath)
+    with cpath.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for e in entries:
+            row = {**e, **e.get("vs_baseline", {})}
+            row["plan"] = json.dumps(e.get("plan"), sort_keys=True)
+            w.writerow(row)
+    return jpath, cpath

@@ -1,0 +1,186 @@
+"""report.html: computed first as plain ReportData (testable with ==), drawn with plotly last."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from edgeslim.search._spec import StudySpec
+from edgeslim.spaces import CompressionSpace
+
+__all__ = ["ReportData", "build_report_data", "write_report"]
+
+LABELS = {
+    "accuracy": "accuracy (held-out)",
+    "size_bytes": "size (bytes)",
+    "latency_ms": "latency p50 (ms)",
+    "energy_mj": "energy (mJ, ESTIMATED)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportData:
+    """Everything the report shows, as plain values.
+
+    ``points`` has one dict per completed trial (``trial``, objective values, ``preset``,
+    ``front``); ``decisions`` one dict per Pareto variant with its per-group sparsity and
+    per-layer rank and bits.
+    """
+
+    title: str
+    names: tuple[str, ...]
+    points: tuple[dict[str, Any], ...]
+    baseline_trial: int | None
+    budgets: dict[str, float]
+    groups: tuple[str, ...]
+    layers: tuple[str, ...]
+    decisions: tuple[dict[str, Any], ...]
+    front: tuple[dict[str, Any], ...]
+    failed: tuple[tuple[int, str], ...]
+    latency_method: str
+    energy_method: str
+
+
+def build_report_data(study: optuna.Study, names: list[str], front: list[dict[str, Any]],
+                      space: CompressionSpace, spec: StudySpec) -> ReportData:
+    """Collect the report's data from a study and its front entries."""
+    on_front = {e["trial"] for e in front}
+    points, failed = [], []
+    base = None
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE:
+            p = {"trial": t.number, "preset": t.user_attrs.get("preset", ""), "front": t.number in on_front}
+            p.update(zip(names, t.values))
+            points.append(p)
+            if p["preset"] == "dense":
+                base = t.number
+        elif t.state == TrialState.FAIL:
+            failed.append((t.number, str(t.user_attrs.get("fail_reason", "unknown"))))
+    decisions = []
+    for e in front:
+        plan = e.get("plan") or {}
+        decisions.append({
+            "trial": e["trial"],
+            "sparsity": {g.name: plan.get("groups", {}).get(g.name, 0.0) for g in space.groups},
+            "rank": {l.name: plan.get("layers", {}).get(l.name, {}).get("rank", 1.0) for l in space.layers},
+            "bits": {l.name: plan.get("layers", {}).get(l.name, {}).get("bits", 32) for l in space.layers},
+        })
+    first = front[0] if front else {}
+    return ReportData(
+        title=f"edgeslim study {spec.name}",
+        names=tuple(names),
+        points=tuple(points),
+        baseline_trial=base,
+        budgets=spec.budgets.active(),
+        groups=tuple(g.name for g in space.groups),
+        layers=tuple(l.name for l in space.layers),
+        decisions=tuple(decisions),
+        front=tuple(front),
+        failed=tuple(failed),
+        latency_method=str(first.get("latency_method", "")),
+        energy_method=str(first.get("energy_method", "")),
+    )
+
+
+_BUDGET_AXES = {"max_latency_ms": ("latency_ms", 1.0), "max_size_kb": ("size_bytes", 1e3),
+                "max_energy_mj": ("energy_mj", 1.0), "min_accuracy": ("accuracy", 1.0)}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return html.escape(str(v))
+
+
+def _front_table(data: ReportData) -> str:
+    cols = ["trial", "preset", *data.names, "latency_p95_ms"]
+    extra = ["accuracy_drop_pp", "max_class_drop_pp", "size_reduction", "latency_speedup"]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in [*cols, *extra, "plan"])
+    rows = []
+    for e in data.front:
+        vs = e.get("vs_baseline", {})
+        cells = [_fmt(e.get(c, "")) for c in cols] + [_fmt(vs.get(c, "")) for c in extra]
+        cells.append(_fmt(e.get("plan_summary", "")))
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def write_report(data: ReportData, path: Path) -> Path:
+    """Draw ``data`` with plotly into one self-contained HTML file (plotly.js embedded)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    others = [n for n in data.names if n != "accuracy"]
+    figs: list[Any] = []
+    if "accuracy" in data.names and others:
+        fig = make_subplots(rows=1, cols=len(others), subplot_titles=[LABELS.get(n, n) for n in others])
+        for i, n in enumerate(others, start=1):
+            rest = [p for p in data.points if not p["front"]]
+            front = sorted((p for p in data.points if p["front"]), key=lambda p: p[n])
+            base = [p for p in data.points if p["trial"] == data.baseline_trial]
+            presets = [p for p in data.points if p["preset"] and p["preset"] != "dense"]
+            show = i == 1
+            fig.add_trace(go.Scatter(x=[p[n] for p in rest], y=[p["accuracy"] for p in rest], mode="markers",
+                                     marker={"color": "#bbbbbb"}, name="trials", showlegend=show,
+                                     text=[f"trial {p['trial']}" for p in rest]), 1, i)
+            fig.add_trace(go.Scatter(x=[p[n] for p in front], y=[p["accuracy"] for p in front],
+                                     mode="markers+lines", marker={"color": "#d62728", "size": 9},
+                                     line={"dash": "dot"}, name="Pareto front", showlegend=show,
+                                     text=[f"trial {p['trial']}" for p in front]), 1, i)
+            fig.add_trace(go.Scatter(x=[p[n] for p in presets], y=[p["accuracy"] for p in presets],
+                                     mode="markers", marker={"symbol": "diamond-open", "size": 11, "color": "#1f77b4"},
+                                     name="uniform presets", showlegend=show,
+                                     text=[p["preset"] for p in presets]), 1, i)
+            fig.add_trace(go.Scatter(x=[p[n] for p in base], y=[p["accuracy"] for p in base], mode="markers",
+                                     marker={"symbol": "star", "size": 16, "color": "black"},
+                                     name="dense baseline", showlegend=show), 1, i)
+            for budget, bound in data.budgets.items():
+                axis, scale = _BUDGET_AXES[budget]
+                if axis == n:
+                    fig.add_vline(x=bound * scale, line_dash="dash", line_color="green", row=1, col=i)
+                elif axis == "accuracy":
+                    fig.add_hline(y=bound, line_dash="dash", line_color="green", row=1, col=i)
+            fig.update_xaxes(title_text=LABELS.get(n, n), type="log" if n == "size_bytes" else "linear",
+                             row=1, col=i)
+        fig.update_yaxes(title_text="accuracy", row=1, col=1)
+        fig.update_layout(title="Accuracy against each cost (Pareto front in red, dense baseline as star)",
+                          height=450)
+        figs.append(fig)
+    if data.decisions:
+        ylabels = [f"trial {d['trial']}" for d in data.decisions]
+        for key, cols, title, scale in (("sparsity", data.groups, "Channel sparsity per pruning group", "Reds"),
+                                        ("rank", data.layers, "Rank ratio per layer (1 = not factorized)", "Blues_r"),
+                                        ("bits", data.layers, "Weight bits per layer", "Greens_r")):
+            if not cols:
+                continue
+            z = [[d[key][c] for c in cols] for d in data.decisions]
+            fig = go.Figure(go.Heatmap(z=z, x=list(cols), y=ylabels, colorscale=scale, text=z,
+                                       texttemplate="%{text}", hoverongaps=False))
+            fig.update_layout(title=f"{title}: Pareto variants", height=120 + 28 * len(ylabels))
+            figs.append(fig)
+    parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
+    failed = "".join(f"<li>trial {n}: {html.escape(r)}</li>" for n, r in data.failed)
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(data.title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px}} .note{{color:#555}}</style></head><body>
+<h1>{html.escape(data.title)}</h1>
+<p class="note">Latency: {html.escape(data.latency_method)}.<br>Energy: {html.escape(data.energy_method)}.
+Energy values are <b>estimates</b>, not measurements.</p>
+<p>{len(data.points)} completed trials, {len(data.front)} on the Pareto front, {len(data.failed)} failed.
+Budgets: {html.escape(str(data.budgets) if data.budgets else "none")}.</p>
+{parts[0] if parts else ""}
+<h2>Pareto front</h2>{_front_table(data)}
+{"".join(parts[1:])}
+{f"<h2>Failed trials</h2><ul>{failed}</ul>" if failed else ""}
+</body></html>"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(doc)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,295 @@
+"""Models and data for a study: built-in digits workloads, user factories, torchvision, ImageFolder."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from edgeslim.objectives import DataSplits, FinetuneConfig, evaluate_accuracy, finetune_
+from edgeslim.search._spec import StudySpec
+from edgeslim.spaces import SpecError
+
+__all__ = ["DigitsCNN", "DigitsResNet", "Workload", "digits_splits", "load_workload"]
+
+
+class DigitsCNN(nn.Module):
+    """Three conv layers and a two-layer head for 8×8 digits (about 32k parameters).
+
+    Example:
+        >>> DigitsCNN()(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class DigitsResNet(nn.Module):
+    """A ResNet-10-style network (residual adds) for digits upscaled to 32×32.
+
+    Dense fp32 latency at batch 1 is above 1 ms on a 2-core x86 CPU (see README), so
+    compression has measurable latency effects.
+
+    Example:
+        >>> DigitsResNet()(torch.zeros(1, 1, 32, 32)).shape
+        torch.Size([1, 10])
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.layer1 = nn.Sequential(_Block(w, w, 1), _Block(w, w, 1))
+        self.layer2 = nn.Sequential(_Block(w, 2 * w, 2), _Block(2 * w, 2 * w, 1))
+        self.layer3 = nn.Sequential(_Block(2 * w, 4 * w, 2), _Block(4 * w, 4 * w, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@dataclasses.dataclass
+class Workload:
+    """A base model, its data splits and a batch-1 example input, ready to search.
+
+    Example:
+        >>> w = load_workload(demo_spec(), Path("studies/digits-demo"))  # doctest: +SKIP
+        >>> w.example_input.shape
+        torch.Size([1, 1, 8, 8])
+    """
+
+    model: nn.Module
+    data: DataSplits
+    example_input: torch.Tensor
+    description: str
+    base_accuracy: float
+    split_hash: str
+    model_hash: str
+
+
+def _hash_indices(train: list[int], val: list[int]) -> str:
+    return hashlib.sha256(json.dumps([sorted(train), sorted(val)]).encode()).hexdigest()[:16]
+
+
+def model_hash(model: nn.Module) -> str:
+    """Short SHA-256 of a model's state dict (names, shapes and values)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def digits_splits(size: int, val_fraction: float, seed: int) -> tuple[DataSplits, str]:
+    """scikit-learn's bundled 8×8 digits (no download), scaled to [-1, 1], optionally upscaled.
+
+    Stratified, seeded train/val split; returns the splits and a hash of the split indices.
+
+    Example:
+        >>> data, h = digits_splits(8, 0.3, 0)
+        >>> len(data.train) + len(data.val), data.num_classes
+        (1797, 10)
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    idx = np.arange(len(y))
+    tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target)
+    data = DataSplits(TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), 10,
+                      tuple(str(i) for i in range(10)))
+    return data, _hash_indices(tr.tolist(), va.tolist())
+
+
+def _import_attr(ref: str, what: str) -> Callable[..., Any]:
+    module_name, _, attr = ref.partition(":")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # user factories live in the working directory, like `python -m`
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SpecError(f"cannot import module {module_name!r} for {what} {ref!r} ({e}); "
+                        "check the name and that it is importable from the current folder") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SpecError(f"{what} {ref!r}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def _user_model(spec: StudySpec) -> nn.Module:
+    m = spec.model
+    if m.factory:
+        model = _import_attr(m.factory, "model factory")()
+        if not isinstance(model, nn.Module):
+            raise SpecError(f"model factory {m.factory!r} returned {type(model).__name__}, not an nn.Module")
+    else:
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        if m.torchvision not in names:
+            raise SpecError(f"unknown model {m.torchvision!r}; torchvision classification models "
+                            f"include {sorted(names)[:12]}...; or use factory = 'module:function'")
+        kwargs = {"num_classes": m.num_classes} if m.num_classes else {}
+        model = torchvision.models.get_model(m.torchvision, weights=None, **kwargs)
+    if m.checkpoint:
+        path = Path(m.checkpoint)
+        if not path.is_file():
+            raise SpecError(f"checkpoint {m.checkpoint!r} does not exist; give the path of a saved state_dict")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise SpecError(f"checkpoint {m.checkpoint!r} does not fit the model: {str(e)[:300]}") from None
+    return model.eval()
+
+
+def _stratified_subsets(dataset: Dataset, targets: list[int], val_fraction: float, seed: int
+                        ) -> tuple[Subset, Subset, str]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(targets))
+    tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=targets)
+    return Subset(dataset, tr.tolist()), Subset(dataset, va.tolist()), _hash_indices(tr.tolist(), va.tolist())
+
+
+def _user_data(spec: StudySpec) -> tuple[DataSplits, str]:
+    d, shape = spec.data, spec.model.input_shape
+    if d.image_folder:
+        from torchvision import datasets, transforms
+
+        root = Path(d.image_folder)
+        if not root.is_dir():
+            raise SpecError(f"data path {d.image_folder!r} does not exist; give an ImageFolder root "
+                            "(one sub-folder per class, or train/ and val/ folders of those)")
+        steps: list[Any] = [transforms.Resize(tuple(shape[1:]))]
+        if shape[0] == 1:
+            steps.append(transforms.Grayscale())
+        steps += [transforms.ToTensor(), transforms.Normalize([0.5] * shape[0], [0.5] * shape[0])]
+        tf = transforms.Compose(steps)
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            train = datasets.ImageFolder(root / "train", transform=tf)
+            val = datasets.ImageFolder(root / "val", transform=tf)
+            h = hashlib.sha256(json.dumps([train.samples, val.samples], default=str).encode()).hexdigest()[:16]
+        else:
+            full = datasets.ImageFolder(root, transform=tf)
+            train, val, h = _stratified_subsets(full, full.targets, d.val_fraction, spec.seed)
+            full_classes = full.classes
+            return DataSplits(train, val, len(full_classes), tuple(full_classes)), h
+        return DataSplits(train, val, len(train.classes), tuple(train.classes)), h
+    out = _import_attr(d.factory, "data factory")()
+    if not isinstance(out, tuple) or len(out) not in (2, 3):
+        raise SpecError(f"data factory {d.factory!r} must return (train, val) or (train, val, num_classes)")
+    train, val = out[0], out[1]
+    num = out[2] if len(out) == 3 else spec.model.num_classes or len(getattr(train, "classes", []))
+    if not num:
+        raise SpecError(f"cannot tell the number of classes of data factory {d.factory!r}; "
+                        "return (train, val, num_classes) or set [model] num_classes")
+    names = tuple(getattr(train, "classes", [str(i) for i in range(num)]))
+    return DataSplits(train, val, int(num), names), f"factory:{d.factory}"
+
+
+def train_base(model: nn.Module, data: DataSplits, epochs: int, seed: int) -> float:
+    """Train ``model`` from scratch on ``data.train``; returns held-out accuracy."""
+    steps_per_epoch = math.ceil(len(data.train) / 64)
+    finetune_(model, data, FinetuneConfig(steps=epochs * steps_per_epoch, lr=3e-3, batch_size=64,
+                                          weight_decay=1e-4), seed)
+    return evaluate_accuracy(model, data)[0]
+
+
+_BUILTINS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
+    # name: (factory, input size, default training epochs)
+    "digits-cnn": (DigitsCNN, 8, 40),
+    "digits-resnet": (DigitsResNet, 32, 6),
+}
+
+
+def load_workload(spec: StudySpec, out_dir: Path, log: Callable[[str], None] = print) -> Workload:
+    """Build the study's base model and data; train a built-in base once and cache it in ``out_dir``.
+
+    The cached base is reused on every later run so a resumed study compresses the very
+    same weights.
+    """
+    torch.manual_seed(spec.seed)
+    if spec.model.builtin:
+        factory, size, epochs = _BUILTINS[spec.model.builtin]
+        data, split_hash = digits_splits(size, spec.data.val_fraction, spec.seed)
+        model = factory()
+        cache = out_dir / "base_model.pt"
+        key = {"workload": spec.model.builtin, "seed": spec.seed, "split": split_hash,
+               "epochs": spec.model.train_epochs or epochs}
+        if cache.is_file():
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            if saved.get("key") != json.dumps(key, sort_keys=True):
+                raise SpecError(f"{cache} was trained for another setup ({saved.get('key')}); "
+                                "use another study name or out_dir instead of overwriting it")
+            model.load_state_dict(saved["state_dict"])
+            acc = float(saved["accuracy"])
+        else:
+            log(f"training the {spec.model.builtin} base model ({key['epochs']} epochs, cached in {cache})")
+            acc = train_base(model, data, key["epochs"], spec.seed)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            torch.save({"state_dict": model.state_dict(), "accuracy": acc,
+                        "key": json.dumps(key, sort_keys=True)}, tmp)
+            tmp.replace(cache)
+        example = torch.zeros(1, 1, size, size)
+        desc = f"built-in {spec.model.builtin} on scikit-learn digits ({size}x{size})"
+    else:
+        model = _user_model(spec)
+        data, split_hash = _user_data(spec)
+        if spec.model.train_epochs:
+            train_base(model, data, spec.model.train_epochs, spec.seed)
+        acc = evaluate_accuracy(model, data)[0]
+        example = torch.zeros(1, *spec.model.input_shape)
+        desc = spec.model.factory or f"torchvision {spec.model.torchvision}"
+    model.eval()
+    # a random example input: some layers (and torch-pruning's tracer) behave oddly on all zeros
+    example = torch.randn(example.shape, generator=torch.Generator().manual_seed(spec.seed))
+    return Workload(model, data, example, desc, acc, split_hash, model_hash(model))
