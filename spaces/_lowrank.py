@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["factorize", "factorized_params", "rank_for"]
+__all__ = ["factorize", "factorized_params", "rank_for", "svd_pair"]
 
 
 def rank_for(full_rank: int, ratio: float) -> int:
@@ -54,10 +54,22 @@ def factorize(layer: nn.Module, ratio: float) -> nn.Sequential | None:
     if not isinstance(layer, nn.Linear) and getattr(layer, "groups", 1) != 1:
         return None
     out, inp, k = _dims(layer)
-    full = min(out, inp * k)
-    r = rank_for(full, ratio)
+    r = rank_for(min(out, inp * k), ratio)
     if factorized_params(out, inp, k, r) >= out * inp * k:
         return None
+    return svd_pair(layer, r)
+
+
+def svd_pair(layer: nn.Module, r: int) -> nn.Sequential:
+    """The two-layer truncated-SVD factorization of ``layer`` at rank ``r`` (no size check).
+
+    Example:
+        >>> lin = nn.Linear(8, 4)
+        >>> x = torch.randn(2, 8)
+        >>> bool(torch.allclose(svd_pair(lin, 4)(x), lin(x), atol=1e-5))
+        True
+    """
+    out, inp, k = _dims(layer)
     w = layer.weight.detach().reshape(out, inp * k).double()
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[:r].sqrt()

@@ -101,6 +101,8 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
             plain = module.layer
             with torch.no_grad():
                 plain.weight.copy_(quantize_weight(plain.weight, module.bits))
+            if not name:  # the model itself is one quantized layer
+                return plain
             _set_submodule(out, name, plain)
     return out
 

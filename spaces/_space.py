@@ -180,7 +180,8 @@ class CompressionSpace:
                 raise InfeasiblePlanError(f"plan prunes unknown group {name!r}; "
                                           f"known groups: {sorted(groups)}")
             if not 0.0 <= s < 1.0:
-                raise InfeasiblePlanError(f"sparsity of group {name!r} must be in [0, 1), got {s!r}")
+                raise InfeasiblePlanError(f"sparsity of group {name!r} must be in [0, 1), got {s!r} "
+                                          "(1.0 would remove every channel); lower it")
             g = groups[name]
             if g.channels - _pruned_count(g.channels, s) < 1:
                 raise InfeasiblePlanError(

@@ -1,0 +1,118 @@
+"""Packaging, spec validation and the CLI's usage errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeslim.search import demo_spec, load_spec, parse_spec
+from edgeslim.search.cli import main
+from edgeslim.spaces import SpecError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+
+def test_no_bare_top_level_modules_and_lean_search_import():
+    out = _run("import sys, edgeslim.search, edgeslim.spaces, edgeslim.objectives; "
+               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('search','spaces','objectives')));"
+               "print('plotly' in sys.modules)")
+    assert out.split("\n")[:2] == ["[]", "False"]
+
+
+def test_search_package_import_does_not_pull_torch():
+    assert _run("import sys, edgeslim.search.cli; print('torch' in sys.modules, 'plotly' in sys.modules)").strip() == "False False"
+
+
+def test_help_exits_zero(capsys):
+    assert main(["--help"]) == 0
+    assert "search" in capsys.readouterr().out
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "choose a command" in capsys.readouterr().err
+
+
+def test_demo_spec_file_equals_embedded_demo():
+    assert load_spec(ROOT / "studies" / "digits-demo.toml") == demo_spec()
+    assert load_spec(ROOT / "studies" / "digits-resnet.toml").model.builtin == "digits-resnet"
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"study": {"trials": "3"}}, "study.trials must be int, got str"),
+    ({"study": {"tirals": 3}}, "unknown key study.tirals"),
+    ({"model": {"builtin": "digits-cnn", "widht": 3}}, "unknown key study.model.widht"),
+    ({"bogus": {}}, "unknown section \\[bogus\\]"),
+    ({"study": {"sampler": "cmaes"}}, "unknown sampler 'cmaes'"),
+    ({"model": {"builtin": "alexnet9"}}, "unknown built-in model 'alexnet9'"),
+    ({"model": {"torchvision": "resnet18"}}, "input_shape"),
+    ({"space": {"rules": {"_default": {"bits": [16]}}}}, "bits must be a non-empty subset"),
+    ({"space": {"rules": {"_default": {"sparsity": "half"}}}}, "must be a list of float"),
+    ({"study": {"objectives": ["energy_mj"]}}, "needs 'latency_ms'"),
+])
+def test_bad_specs_name_the_bad_value(data, match):
+    with pytest.raises(SpecError, match=match):
+        parse_spec(data)
+
+
+def test_malformed_toml(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[study\nname = 1")
+    with pytest.raises(SpecError, match="malformed TOML"):
+        load_spec(bad)
+    assert main(["search", str(bad)]) == 2
+    assert "malformed TOML" in capsys.readouterr().err
+
+
+def test_missing_spec_file(capsys):
+    assert main(["search", "no/such/spec.toml"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_sampler_flag(capsys, tmp_path):
+    assert main(["search", "--sampler", "cmaes", "--out", str(tmp_path)]) == 2
+    assert "unknown sampler 'cmaes'" in capsys.readouterr().err
+
+
+def test_unknown_torchvision_model(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[study]\nname = "x"\n[model]\ntorchvision = "resnet9000"\ninput_shape = [3, 32, 32]\n'
+                    f'[data]\nimage_folder = "{tmp_path}"\n')
+    assert main(["search", str(spec), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown model 'resnet9000'" in capsys.readouterr().err
+
+
+def test_missing_data_path(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[study]\nname = "x"\n[model]\ntorchvision = "resnet18"\ninput_shape = [3, 32, 32]\n'
+                    'num_classes = 3\n[data]\nimage_folder = "/no/such/folder"\n')
+    assert main(["search", str(spec), "--out", str(tmp_path / "o")]) == 2
+    assert "data path '/no/such/folder' does not exist" in capsys.readouterr().err
+
+
+def test_unknown_model_factory(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[study]\nname = "x"\n[model]\nfactory = "no_such_pkg_xyz:make"\ninput_shape = [1, 8, 8]\n'
+                    '[data]\nfactory = "no_such_pkg_xyz:data"\n')
+    assert main(["search", str(spec), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot import module 'no_such_pkg_xyz'" in capsys.readouterr().err
+
+
+def test_impossible_space_from_cli(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[study]\nname = "x"\n[model]\nbuiltin = "digits-cnn"\ntrain_epochs = 1\n'
+                    '[space.rules._default]\nfreeze = true\n')
+    assert main(["search", str(spec), "--out", str(tmp_path / "o")]) == 2
+    assert "nothing to search" in capsys.readouterr().err
+
+
+def test_bad_trials_flag(capsys):
+    assert main(["search", "--trials", "0"]) == 2
+    assert "--trials must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""Objectives: size oracle, energy formula, ONNX parity, latency protocol, conformance."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.objectives import (
+    OBJECTIVES, AccuracyObjective, Candidate, DeviceProfile, EnergyConstants, EnergyObjective, EvalContext,
+    FinetuneConfig, LatencyObjective, SizeObjective, build_artifact, estimate_energy, export_onnx,
+    measure_latency, model_size_bytes,
+)
+from edgeslim.spaces import CompressionSpace, LayerPlan, Plan, QuantizedLayer, layer_bits
+
+
+def test_size_matches_hand_count():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), QuantizedLayer(nn.Linear(10, 6), 4),
+                      QuantizedLayer(nn.Linear(6, 5, bias=False), 8))
+    conv = (8 * 3 * 9 + 8) * 4
+    bn = (8 + 8 + 8 + 8) * 4  # weight, bias, running mean, running var (num_batches_tracked is an int)
+    q4 = math.ceil(60 * 4 / 8) + 6 * 4 + math.ceil(6 * 4 / 8) + 5 + 6 * 4  # w, scales, zero points, act qparams, bias
+    q8 = 30 + 5 * 4 + 5 + 5
+    assert model_size_bytes(m) == conv + bn + q4 + q8
+
+
+def test_size_shrinks_with_pruning_and_bits(tiny, example):
+    space = CompressionSpace.build(tiny, example)
+    dense = model_size_bytes(space.realize(tiny, space.dense_plan()))
+    assert dense == sum(p.numel() * 4 for p in tiny.parameters()) + sum(
+        b.numel() * 4 for b in tiny.buffers() if b.is_floating_point())
+    int8 = model_size_bytes(space.realize(tiny, space.uniform_plan(bits=8)))
+    pruned = model_size_bytes(space.realize(tiny, space.uniform_plan(sparsity=0.5)))
+    assert int8 < dense / 3 and pruned < dense
+
+
+def test_energy_formula_hand_count():
+    c = EnergyConstants()
+    lin = nn.Linear(4, 2)
+    e = estimate_energy(lin, torch.zeros(1, 4), latency_ms=2.0, constants=c)
+    assert e.compute_mj == pytest.approx(8 * 4.6e-9)
+    moved = 10 * 4 + 4 * (4 + 2)  # fp32 weights+bias, input and output activations
+    assert e.memory_mj == pytest.approx(moved * 162.5e-9)
+    assert e.static_mj == pytest.approx(2.7 * 2.0)
+    q = estimate_energy(QuantizedLayer(lin, 8), torch.zeros(1, 4), 2.0, c)
+    assert q.compute_mj == pytest.approx(8 * 0.23e-9)
+    assert q.memory_mj == pytest.approx((10 + 6) * 162.5e-9)
+
+
+def test_exported_onnx_matches_torch(tiny, example):
+    space = CompressionSpace.build(tiny, example)
+    plan = Plan.from_dicts({"stem": 0.5, "conv1": 0.25}, {"conv1": LayerPlan(0.5, 32), "fc1": LayerPlan(0.25, 32)})
+    model = space.realize(tiny, plan)
+    path = export_onnx(model, example, _tmp_path() / "m.onnx")
+    onnx.checker.check_model(onnx.load(str(path)))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 1, 8, 8)
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.allclose(out, model(x).detach().numpy(), atol=1e-4)
+
+
+def _tmp_path():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp(prefix="edgeslim-test-"))
+
+
+def test_quantized_artifact_runs_int8_and_int4(tiny, example, digits):
+    space = CompressionSpace.build(tiny, example)
+    plan = Plan.from_dicts({}, {"conv1": LayerPlan(1.0, 8), "fc1": LayerPlan(1.0, 4), "stem": LayerPlan(1.0, 32)})
+    model = space.realize(tiny, plan)
+    model.train()
+    model(torch.randn(16, 1, 8, 8))
+    model.eval()
+    calib = [np.random.default_rng(i).standard_normal((1, 1, 8, 8)).astype(np.float32) for i in range(8)]
+    path, got = build_artifact(model, example, layer_bits(model), calib, _tmp_path())
+    assert got["conv1"] == 8 and got["fc1"] == 4 and got["stem"] == 32
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 1, 8, 8)
+    ref = model(x).detach().numpy()
+    out = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1].numpy()})[0] for i in range(4)])
+    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max() + 1e-3
+
+
+def test_latency_protocol(tiny, example):
+    path = export_onnx(tiny, example, _tmp_path() / "m.onnx")
+    stats = measure_latency(path, (1, 1, 8, 8), threads=1, warmup=5, min_runs=30, max_runs=60, budget_s=0.05)
+    assert 30 <= stats.runs <= 60 and 0 < stats.p50_ms <= stats.p95_ms and stats.threads == 1
+
+
+def test_directions_come_from_objectives():
+    assert {n: c.direction for n, c in OBJECTIVES.items()} == {
+        "accuracy": "maximize", "size_bytes": "minimize", "latency_ms": "minimize", "energy_mj": "minimize"}
+    assert EnergyObjective.estimated and EnergyObjective.requires == ("latency_ms",)
+
+
+@pytest.fixture()
+def ctx(digits, example):
+    return EvalContext(data=digits, example_input=example, finetune=FinetuneConfig(steps=5, batch_size=32),
+                       device=DeviceProfile.local(), workdir=_tmp_path(), seed=3)
+
+
+def _candidate(tiny, example, plan=None):
+    space = CompressionSpace.build(tiny, example)
+    plan = plan or space.uniform_plan(sparsity=0.25, bits=8)
+    return Candidate(plan, space.realize(tiny, plan))
+
+
+@pytest.mark.parametrize("cls", [AccuracyObjective, SizeObjective, LatencyObjective, EnergyObjective])
+def test_objective_conformance(cls, tiny, example, ctx):
+    obj = cls()
+    assert obj.direction in ("minimize", "maximize") and obj.name in OBJECTIVES
+    values = []
+    for _ in range(2):
+        cand = _candidate(tiny, example)
+        for need in obj.requires:
+            cand.metrics[need] = OBJECTIVES[need]().evaluate(cand, ctx)
+        values.append(obj.evaluate(cand, ctx))
+    assert all(math.isfinite(v) for v in values)
+    if cls is AccuracyObjective:
+        assert 0.0 <= values[0] <= 1.0 and values[0] == values[1]  # deterministic for a seed
+        assert len(cand.metrics["per_class_accuracy"]) == 10
+    elif cls is LatencyObjective:
+        assert values[0] > 0 and cand.metrics["latency_p95_ms"] >= values[0]
+        assert "measured" in cand.metrics["latency_method"]
+    else:
+        assert values[0] == pytest.approx(values[1], rel=0.5 if cls is EnergyObjective else 0)
+    if cls is EnergyObjective:
+        assert cand.metrics["energy_method"].startswith("estimate")

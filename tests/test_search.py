@@ -1,0 +1,110 @@
+"""Integration: a small search on digits, resume, failures, budgets, outputs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from optuna.trial import TrialState
+
+from edgeslim.search import PRESETS, demo_spec, run_search
+from edgeslim.search._spec import FinetuneSpec, ModelSpec
+
+NAMES = ["accuracy", "size_bytes", "latency_ms", "energy_mj"]
+
+
+def _spec(tmp_path, **changes):
+    base = demo_spec().replace(
+        trials=6, out_dir=str(tmp_path / "study"),
+        model=ModelSpec(builtin="digits-cnn", train_epochs=3),
+        finetune=FinetuneSpec(steps=10, lr=2e-3, batch_size=64),
+    )
+    return base.replace(**changes)
+
+
+def _quiet_run(spec):
+    return run_search(spec, stream=io.StringIO())
+
+
+def test_small_search_front_baseline_outputs_and_resume(tmp_path):
+    spec = _spec(tmp_path)
+    result = _quiet_run(spec)
+    trials = result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(result.study.trials) == 6
+    presets = [t.user_attrs.get("preset") for t in trials]
+    assert presets[:len(PRESETS)] == list(PRESETS)  # baselines run first
+    assert result.study.metric_names == NAMES
+    assert [d.name for d in result.study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE", "MINIMIZE"]
+
+    front = json.loads((result.out_dir / "pareto.json").read_text())
+    assert isinstance(front, list) and front
+    for entry in front:
+        assert {"trial", "plan", *NAMES, "latency_p95_ms", "baseline", "vs_baseline"} <= set(entry)
+        assert entry["baseline"]["trial"] == 0 and set(NAMES) <= set(entry["baseline"])
+        assert entry["latency_p95_ms"] >= entry["latency_ms"] > 0
+        assert "estimate" in entry["energy_method"]
+    dense = result.study.trials[0]
+    assert dense.user_attrs["preset"] == "dense"
+    assert dense.user_attrs["plan"]["groups"] == {k: 0.0 for k in dense.user_attrs["plan"]["groups"]}
+    rows = list(csv.DictReader((result.out_dir / "pareto.csv").open()))
+    assert [int(r["trial"]) for r in rows] == [e["trial"] for e in front]
+    html = result.report_path.read_text()
+    assert "plotly" in html and "ESTIMATED" in html and "Pareto front" in html
+
+    # every trial can be rebuilt from its stored plan
+    from edgeslim.spaces import Plan
+    plan = Plan.from_dict(trials[-1].user_attrs["plan"])
+    assert result.space.realize(result.workload.model, plan)(result.workload.example_input).shape == (1, 10)
+
+    resumed = _quiet_run(spec.replace(trials=2))
+    assert len(resumed.study.trials) == 8
+    assert sum(1 for t in resumed.study.trials if t.user_attrs.get("preset") == "dense") == 1
+    assert resumed.study.trials[0].values == dense.values
+
+
+def test_failed_trial_is_recorded_and_study_goes_on(tmp_path, monkeypatch):
+    from edgeslim.objectives import _size
+
+    calls = {"n": 0}
+    real = _size.model_size_bytes
+
+    def flaky(model):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated exporter crash")
+        return real(model)
+
+    monkeypatch.setattr(_size, "model_size_bytes", flaky)
+    result = _quiet_run(_spec(tmp_path, trials=3, objectives=["accuracy", "size_bytes"]))
+    states = [t.state for t in result.study.trials if t.state != TrialState.WAITING]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert result.study.trials[1].user_attrs["fail_reason"] == "RuntimeError: simulated exporter crash"
+
+
+def test_budgets_become_optuna_constraints(tmp_path):
+    from edgeslim.search._spec import BudgetsSpec
+
+    spec = _spec(tmp_path, trials=2, objectives=["accuracy", "size_bytes"],
+                 budgets=BudgetsSpec(max_size_kb=20.0, min_accuracy=1.5))
+    result = _quiet_run(spec)
+    done = result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 2
+    for t in done:
+        cons = t.user_attrs["constraints"]
+        assert cons["max_size_kb"] == pytest.approx(t.values[1] / 1e3 - 20.0)
+        assert cons["min_accuracy"] == pytest.approx(1.5 - t.values[0])
+        assert t.constraints == cons  # what Optuna's samplers and best_trials read
+    assert result.front == []  # accuracy can never reach 1.5: nothing is feasible
+
+
+def test_resume_with_a_different_space_is_refused(tmp_path):
+    from edgeslim.search._spec import RuleSpec, SpaceSpec
+    from edgeslim.spaces import SpecError
+
+    spec = _spec(tmp_path, trials=1, objectives=["accuracy", "size_bytes"])
+    _quiet_run(spec)
+    other = spec.replace(space=SpaceSpec(rules={"_default": RuleSpec(bits=[8, 32])}))
+    with pytest.raises(SpecError, match="different spec"):
+        _quiet_run(other)

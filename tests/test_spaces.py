@@ -1,0 +1,198 @@
+"""Spaces: inventory, pruning groups, low rank, fake quantization, plans, feasibility."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from edgeslim.spaces import (
+    CompressionSpace, InfeasiblePlanError, LayerPlan, LayerRule, Plan, QuantizedLayer, RuleSet,
+    SpaceError, factorize, inventory, quantize_weight, svd_pair,
+)
+
+
+def test_inventory_shapes_macs_params(tiny, example):
+    layers = {l.name: l for l in inventory(tiny, example)}
+    assert list(layers) == ["stem", "conv1", "conv2", "fc1", "fc2"]
+    conv1 = layers["conv1"]
+    assert (conv1.in_channels, conv1.out_channels, conv1.kernel_size) == (8, 12, (3, 3))
+    assert conv1.params == 12 * 8 * 9 + 12
+    assert conv1.macs == 12 * 8 * 8 * (8 * 9)  # out elements × in-channels × kernel
+    assert layers["fc2"].macs == 32 * 10 and layers["fc2"].out_shape == (1, 10)
+
+
+def test_inventory_depthwise():
+    m = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4, padding=1), nn.Conv2d(4, 6, 1))
+    dw = inventory(m, torch.randn(1, 4, 5, 5))[0]
+    assert dw.is_depthwise and dw.macs == 4 * 25 * 9 and dw.params == 4 * 9 + 4
+
+
+def test_residual_coupling_shares_one_knob(tiny, example):
+    space = CompressionSpace.build(tiny, example)
+    groups = {g.name: g for g in space.groups}
+    # stem's output is added to conv2's output: they must lose the same channels
+    assert set(groups["stem"].members) == {"stem", "conv2"}
+    assert "conv2.sparsity" not in space.distributions()
+    assert "fc2" in space.excluded  # output layer
+
+
+def test_pruned_model_has_expected_channels_and_base_is_untouched(tiny, example):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    space = CompressionSpace.build(tiny, example)
+    plan = Plan.from_dicts({"stem": 0.5, "conv1": 0.25, "fc1": 0.5}, {})
+    model = space.realize(tiny, plan)
+    assert model.stem.out_channels == 4 and model.conv2.out_channels == 4
+    assert model.conv1.out_channels == 9 and model.conv2.in_channels == 9
+    assert model.fc1.out_features == 16 and model.fc2.in_features == 16
+    assert model(example).shape == (1, 10)
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+
+
+@pytest.mark.parametrize("layer,x", [
+    (nn.Linear(20, 12), torch.randn(3, 20)),
+    (nn.Conv2d(6, 10, 3, stride=2, padding=1), torch.randn(2, 6, 9, 9)),
+    (nn.Conv1d(5, 7, 3, padding=1), torch.randn(2, 5, 11)),
+])
+def test_svd_full_rank_reproduces_outputs(layer, x):
+    full = min(layer.weight.shape[0], layer.weight[0].numel())
+    pair = svd_pair(layer, full)
+    assert torch.allclose(pair(x), layer(x), atol=1e-5)
+
+
+def test_svd_truncation_matches_torch_linalg():
+    lin = nn.Linear(30, 20)
+    pair = svd_pair(lin, 5)
+    u, s, vh = torch.linalg.svd(lin.weight.detach().double(), full_matrices=False)
+    expected = (u[:, :5] * s[:5]) @ vh[:5]
+    product = (pair[1].weight.double() @ pair[0].weight.double())
+    assert torch.allclose(product, expected, atol=1e-5)
+
+
+def test_factorize_skips_when_not_smaller():
+    assert factorize(nn.Linear(4, 4), 0.75) is None  # 3*(4+4) = 24 >= 16
+    assert factorize(nn.Conv2d(4, 4, 3, groups=2), 0.25) is None
+    pair = factorize(nn.Conv2d(16, 32, 3), 0.25)
+    assert [m.kernel_size for m in pair] == [(3, 3), (1, 1)] and pair[0].out_channels == 8  # ceil(0.25 * min(32, 16*9))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fake_quant_error_within_half_step(bits):
+    w = torch.randn(16, 8, 3, 3)
+    q = quantize_weight(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.abs().amax(dim=(1, 2, 3), keepdim=True) / qmax
+    assert torch.all((q - w).abs() <= scale / 2 + 1e-6)
+    levels = torch.unique(torch.round(q / scale))
+    assert levels.min() >= -qmax and levels.max() <= qmax
+
+
+def test_fake_quant_straight_through_gradient():
+    w = torch.randn(4, 3, requires_grad=True)
+    quantize_weight(w, 8).sum().backward()
+    assert torch.allclose(w.grad, torch.ones_like(w))
+
+
+def test_quantized_layer_tracks_activation_range():
+    q = QuantizedLayer(nn.Linear(3, 2), bits=8).train()
+    q(torch.tensor([[-1.0, 0.5, 2.0]]))
+    assert float(q.act_min) == -1.0 and float(q.act_max) == 2.0
+    scale, zero = q.act_qparams()
+    assert scale == pytest.approx(3.0 / 255) and zero == 85
+
+
+PLANS = [
+    Plan(),
+    Plan.from_dicts({"stem": 0.5}, {}),
+    Plan.from_dicts({"conv1": 0.25, "fc1": 0.75}, {"fc1": LayerPlan(0.5, 4), "conv2": LayerPlan(1.0, 8)}),
+]
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_plan_json_round_trip(plan):
+    text = plan.to_json()
+    assert Plan.from_json(text) == plan
+    assert json.loads(text)["version"] == 1
+    assert Plan.from_json(json.dumps(json.loads(text))).to_json() == text
+
+
+def test_plan_from_other_version_is_rejected():
+    with pytest.raises(InfeasiblePlanError, match="schema version"):
+        Plan.from_dict({"version": 99, "groups": {}, "layers": {}})
+
+
+@pytest.mark.parametrize("plan,match", [
+    (Plan.from_dicts({"nope": 0.5}, {}), "unknown group 'nope'"),
+    (Plan.from_dicts({"stem": 1.0}, {}), "must be in \\[0, 1\\)"),
+    (Plan.from_dicts({}, {"fc1": LayerPlan(0.0, 32)}), "rank ratio of 'fc1'"),
+    (Plan.from_dicts({}, {"fc1": LayerPlan(1.0, 16)}), "bits of 'fc1'"),
+    (Plan.from_dicts({}, {"ghost": LayerPlan()}), "unknown layer 'ghost'"),
+])
+def test_infeasible_plans_raise_before_running(tiny, example, plan, match):
+    space = CompressionSpace.build(tiny, example)
+    with pytest.raises(InfeasiblePlanError, match=match):
+        space.realize(tiny, plan)
+
+
+def test_pruning_keeps_at_least_one_channel_and_rejects_all():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    space = CompressionSpace.build(m, torch.randn(1, 1, 8, 8))
+    assert space.realize(m, Plan.from_dicts({"0": 0.99}, {}))[0].out_channels == 1
+    with pytest.raises(InfeasiblePlanError, match="would remove every channel"):
+        space.check(Plan.from_dicts({"0": 1.0}, {}))
+
+
+def test_everything_frozen_is_an_impossible_space(tiny, example):
+    with pytest.raises(SpaceError, match="nothing to search"):
+        CompressionSpace.build(tiny, example, RuleSet.from_mapping({"_default": LayerRule(freeze=True)}))
+
+
+def test_rules_precedence_exact_then_regex_then_default():
+    rules = RuleSet.from_mapping({
+        "_default": LayerRule(bits=(4, 8, 32)),
+        "re:fc.*": LayerRule(bits=(8, 32)),
+        "fc2": LayerRule(freeze=True),
+    })
+    assert rules.resolve("fc2").freeze
+    assert rules.resolve("fc1").bits == (8, 32) and not rules.resolve("fc1").freeze
+    assert rules.resolve("conv1").bits == (4, 8, 32)
+
+
+@pytest.mark.parametrize("rule,match", [
+    (dict(sparsity=(1.0,)), "sparsity must be in"),
+    (dict(rank=(0.0,)), "rank ratio must be in"),
+    (dict(bits=(16,)), "bits must be a non-empty subset"),
+])
+def test_bad_rule_values(rule, match):
+    with pytest.raises(SpaceError, match=match):
+        LayerRule(**rule)
+
+
+def test_rule_for_unknown_layer_is_rejected(tiny, example):
+    with pytest.raises(SpaceError, match="rules name layers the model does not have"):
+        CompressionSpace.build(tiny, example, RuleSet.from_mapping({"conv9": LayerRule(freeze=True)}))
+
+
+def test_knob_names_and_plan_from_params(tiny, example):
+    space = CompressionSpace.build(tiny, example)
+    dists = space.distributions()
+    assert {"stem.sparsity", "conv1.rank", "fc1.bits"} <= set(dists)
+    plan = space.plan_from_params({"stem.sparsity": 0.5, "fc1.bits": 4, "conv1.rank": 0.5})
+    assert plan.sparsity_of("stem") == 0.5 and plan.layer("fc1").bits == 4 and plan.layer("conv1").rank == 0.5
+    assert space.plan_from_params(space.params_of(plan)) == plan
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_realize(name):
+    torch.manual_seed(0)
+    m = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    space = CompressionSpace.build(m, x)
+    assert len(space.groups) > 5
+    plan = space.uniform_plan(sparsity=0.5, rank=0.5, bits=8)
+    assert plan.groups and any(lp.rank < 1 for _, lp in plan.layers)
+    out = space.realize(m, plan)(x)
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
