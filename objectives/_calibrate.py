@@ -1,0 +1,339 @@
+"""Calibration: single-kernel ONNX micro-models (built with ``onnx``, no torch), measured on the
+device, sampled adaptively where the fitted latency model errs most (the nn-Meter approach)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeslim.objectives import _runner
+from edgeslim.objectives._kernels import Kernel, kernel_type
+from edgeslim.objectives._latency_model import LatencyModel
+
+__all__ = ["CalibrationResult", "MODES", "KERNEL_TYPES", "calibrate", "fit_measurements", "micro_model",
+           "write_kit", "design"]
+
+OPSET = 21  # int4 DequantizeLinear is standard from opset 21
+IR_VERSION = 10
+
+# (initial points per type, adaptive rounds, validation points per round, neighbours per round)
+MODES: dict[str, tuple[int, int, int, int]] = {"quick": (10, 1, 5, 5), "full": (40, 3, 15, 15)}
+MAX_MACS = 250_000_000
+
+KERNEL_TYPES: tuple[str, ...] = tuple(
+    [f"{v}@{b}" for v in ("conv_kxk", "conv_pw", "conv_dw", "conv_group", "gemm") for b in (32, 8, 4)]
+    + ["add@32", "pool@32", "gpool@32", "act@32"])
+
+_CHANNELS = (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
+_SPATIAL = (1, 2, 4, 7, 8, 14, 16, 28, 32, 56, 112)
+
+
+def _tensor(name: str, arr: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(arr, name)
+
+
+def _int_tensor(name: str, dtype: int, dims: Sequence[int], values: np.ndarray) -> onnx.TensorProto:
+    return helper.make_tensor(name, dtype, list(dims), values.astype(np.int64).ravel().tolist())
+
+
+def micro_model(k: Kernel, seed: int = 0) -> onnx.ModelProto:
+    """One kernel as an ONNX model, shaped the way our exported candidates run it.
+
+    Conv and Gemm carry their fused ReLU; int8/int4 variants are QDQ graphs (Quantize →
+    Dequantize → op with dequantized int weights and int32 bias → Quantize → Dequantize), which
+    ONNX Runtime fuses into QLinearConv / QGemm for int8; ``add`` is Add + ReLU.
+
+    Example:
+        >>> m = micro_model(Kernel("conv", 8, cin=8, cout=16, k=3, h=8, w=8, ho=8, wo=8))
+        >>> sorted({n.op_type for n in m.graph.node})
+        ['Conv', 'DequantizeLinear', 'QuantizeLinear', 'Relu']
+    """
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    f32 = TensorProto.FLOAT
+    if k.op in ("conv", "gemm"):
+        x_shape = [1, k.cin, k.h, k.w] if k.op == "conv" else [1, k.cin]
+        y_shape = [1, k.cout, k.ho, k.wo] if k.op == "conv" else [1, k.cout]
+        w_shape = [k.cout, k.cin // k.groups, k.k, k.k] if k.op == "conv" else [k.cout, k.cin]
+        w = rng.standard_normal(w_shape).astype(np.float32) * 0.1
+        b = rng.standard_normal(k.cout).astype(np.float32) * 0.1
+        x_in, w_in, b_in = "x", "w", "b"
+        if k.bits <= 8:
+            qmax = 2 ** (k.bits - 1) - 1
+            wdt = TensorProto.INT8 if k.bits == 8 else TensorProto.INT4
+            ws = (np.abs(w).reshape(k.cout, -1).max(axis=1) / qmax).astype(np.float32)
+            wq = np.clip(np.round(w / ws.reshape(-1, *([1] * (w.ndim - 1)))), -qmax, qmax)
+            xs = np.float32(8.0 / 255)
+            inits += [_int_tensor("wq", wdt, w_shape, wq), _tensor("ws", ws),
+                      _int_tensor("wz", wdt, [k.cout], np.zeros(k.cout)),
+                      _int_tensor("bq", TensorProto.INT32, [k.cout], np.round(b / (xs * ws))),
+                      _tensor("bs", (xs * ws).astype(np.float32)),
+                      _int_tensor("bz", TensorProto.INT32, [k.cout], np.zeros(k.cout)),
+                      _tensor("xs", np.array(xs, np.float32)), _tensor("xz", np.array(128, np.uint8)),
+                      _tensor("ys", np.array(16.0 / 255, np.float32)), _tensor("yz", np.array(128, np.uint8))]
+            nodes += [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                      helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                      helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
+                      helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["bd"], axis=0)]
+            x_in, w_in, b_in = "xd", "wd", "bd"
+        else:
+            inits += [_tensor("w", w), _tensor("b", b)]
+        if k.op == "conv":
+            pad = k.k // 2
+            nodes.append(helper.make_node("Conv", [x_in, w_in, b_in], ["y"], kernel_shape=[k.k, k.k],
+                                          strides=[k.stride, k.stride], pads=[pad] * 4, group=k.groups))
+        else:
+            nodes.append(helper.make_node("Gemm", [x_in, w_in, b_in], ["y"], transB=1))
+        if k.bits <= 8:
+            nodes += [helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+                      helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y2"]),
+                      helper.make_node("Relu", ["y2"], ["out"])]
+        else:
+            nodes.append(helper.make_node("Relu", ["y"], ["out"]))
+        inputs = [helper.make_tensor_value_info("x", f32, x_shape)]
+    elif k.op == "add":
+        shape = [1, k.cin, k.h, k.w]
+        inputs = [helper.make_tensor_value_info(n, f32, shape) for n in ("x", "x2")]
+        nodes += [helper.make_node("Add", ["x", "x2"], ["y"]), helper.make_node("Relu", ["y"], ["out"])]
+        y_shape = shape
+    elif k.op == "pool":
+        inputs = [helper.make_tensor_value_info("x", f32, [1, k.cin, k.h, k.w])]
+        nodes.append(helper.make_node("MaxPool", ["x"], ["out"], kernel_shape=[k.k, k.k],
+                                      strides=[k.stride, k.stride]))
+        y_shape = [1, k.cout, k.ho, k.wo]
+    elif k.op == "gpool":
+        inputs = [helper.make_tensor_value_info("x", f32, [1, k.cin, k.h, k.w])]
+        nodes.append(helper.make_node("GlobalAveragePool", ["x"], ["out"]))
+        y_shape = [1, k.cin, 1, 1]
+    elif k.op == "act":
+        shape = [1, k.cin, k.h, k.w]
+        inputs = [helper.make_tensor_value_info("x", f32, shape)]
+        nodes.append(helper.make_node("Sigmoid", ["x"], ["out"]))
+        y_shape = shape
+    elif k.op == "empty":
+        inputs = [helper.make_tensor_value_info("x", f32, [1, 1])]
+        nodes.append(helper.make_node("Identity", ["x"], ["out"]))
+        y_shape = [1, 1]
+    else:
+        raise ValueError(f"no micro-model for kernel op {k.op!r}")
+    graph = helper.make_graph(nodes, f"edgeslim_{k.op}", inputs,
+                              [helper.make_tensor_value_info("out", f32, y_shape)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="edgeslim-calibrate")
+    model.ir_version = IR_VERSION
+    return model
+
+
+def _out_hw(h: int, k: int, s: int) -> int:
+    return (h + 2 * (k // 2) - k) // s + 1
+
+
+def random_kernel(ktype: str, rng: np.random.Generator) -> Kernel:
+    """One random configuration of ``ktype``, concentrated on shapes searched models have.
+
+    Channel counts are typical widths times a random keep ratio (pruned layers), and with
+    probability 0.3 a small rank (the thin half of a low-rank pair).
+    """
+    variant, bits_s = ktype.split("@")
+    bits = int(bits_s)
+
+    def ch() -> int:
+        return max(2, int(rng.choice(_CHANNELS) * rng.uniform(0.2, 1.0)))
+
+    def small() -> int:
+        return int(rng.integers(2, 49))
+
+    for _ in range(100):
+        hw = int(rng.choice(_SPATIAL[2:]))
+        if variant == "gemm":
+            cin, cout = int(rng.choice(_CHANNELS + (768, 1024, 2048)) * rng.uniform(0.2, 1)), ch()
+            if rng.random() < 0.3:
+                cin, cout = (small(), cout) if rng.random() < 0.5 else (cin, small())
+            k = Kernel("gemm", bits, max(cin, 2), cout)
+        elif variant in ("conv_kxk", "conv_pw", "conv_group", "conv_dw"):
+            ksz = 1 if variant == "conv_pw" else int(rng.choice((3, 3, 5)))
+            stride = int(rng.choice((1, 1, 2)))
+            if variant == "conv_dw":
+                cin = cout = groups = ch()
+            elif variant == "conv_group":
+                groups = int(rng.choice((2, 4, 8)))
+                cin, cout = groups * max(1, ch() // groups), groups * max(1, ch() // groups)
+            else:
+                groups = 1
+                cin, cout = ch(), ch()
+                if variant == "conv_kxk" and rng.random() < 0.15:
+                    cin = int(rng.choice((1, 3)))  # network stems
+                if rng.random() < 0.3:
+                    if variant == "conv_kxk":
+                        cout = small()
+                    else:
+                        cin = small()
+            ho = _out_hw(hw, ksz, stride)
+            k = Kernel("conv", bits, cin, cout, ksz, stride, groups, hw, hw, ho, ho)
+        elif variant in ("add", "act"):
+            c = ch()
+            k = Kernel(variant, 32, c, c, h=hw, w=hw, ho=hw, wo=hw)
+        elif variant == "pool":
+            c, ksz = ch(), int(rng.choice((2, 3)))
+            ho = (hw - ksz) // 2 + 1
+            if ho < 1:
+                continue
+            k = Kernel("pool", 32, c, c, ksz, 2, 1, hw, hw, ho, ho)
+        elif variant == "gpool":
+            c = ch()
+            k = Kernel("gpool", 32, c, c, h=hw, w=hw)
+        else:
+            raise ValueError(f"unknown kernel type {ktype!r}")
+        if k.macs <= MAX_MACS:
+            return k
+    raise RuntimeError(f"could not draw a {ktype} kernel under {MAX_MACS} MACs")
+
+
+def neighbour(k: Kernel, rng: np.random.Generator) -> Kernel:
+    """A configuration near ``k``: channels scaled by up to 1.5x either way, spatial size kept."""
+    def jitter(c: int) -> int:
+        return max(2, int(round(c * math.exp(rng.uniform(-0.4, 0.4)))))
+
+    if k.op == "conv" and k.groups > 1:
+        if k.groups == k.cin:
+            c = jitter(k.cin)
+            return dataclasses.replace(k, cin=c, cout=c, groups=c)
+        g = k.groups
+        return dataclasses.replace(k, cin=g * max(1, jitter(k.cin) // g), cout=g * max(1, jitter(k.cout) // g))
+    if k.op in ("conv", "gemm"):
+        return dataclasses.replace(k, cin=jitter(k.cin) if k.cin > 3 else k.cin, cout=jitter(k.cout))
+    c = jitter(k.cin)
+    return dataclasses.replace(k, cin=c, cout=c)
+
+
+def design(types: Sequence[str], per_type: int, seed: int) -> list[Kernel]:
+    """A random initial design of ``per_type`` kernels for each type."""
+    rng = np.random.default_rng(seed)
+    return [random_kernel(t, rng) for t in types for _ in range(per_type)]
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    """Measurements and the fitted model of one calibration run."""
+
+    kernels: list[Kernel]
+    measurements: list[dict[str, Any]]
+    overhead: dict[str, Any]
+    model: LatencyModel
+    rounds: list[dict[str, float]]
+
+
+def _measure(kernels: Sequence[Kernel], threads: int, workdir: Path, offset: int,
+             tick: Callable[[], None], energy_reader: Any = None) -> list[dict[str, Any]]:
+    out = []
+    for i, k in enumerate(kernels):
+        path = workdir / f"k{offset + i}.onnx"
+        onnx.save(micro_model(k, seed=offset + i), str(path))
+        session = _runner.make_session(str(path), threads)
+        out.append(_runner.time_session(session, _runner.random_feed(session, offset + i),
+                                        energy_reader=energy_reader))
+        path.unlink()
+        tick()
+    return out
+
+
+def _fit(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], overhead: dict[str, Any],
+         device: str) -> LatencyModel:
+    base50, base95 = overhead["p50_ms"], overhead["p95_ms"]
+    return LatencyModel(device=device).fit(
+        kernels, [m["p50_ms"] - base50 for m in meas], [m["p95_ms"] - base95 for m in meas], base50, base95)
+
+
+def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
+              progress: Callable[[int, int], None] | None = None, energy_reader: Any = None,
+              types: Sequence[str] = KERNEL_TYPES) -> CalibrationResult:
+    """Measure an initial design, then adaptively add points where the model errs most.
+
+    Each round draws fresh validation kernels, records the current model's error on them
+    (reported as that round's held-out error), and measures neighbours of the worst quarter.
+    """
+    per_type, rounds, n_val, n_nb = MODES[mode]
+    total = 1 + len(types) * (per_type + rounds * (n_val + n_nb))
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    rng = np.random.default_rng(seed + 1)
+    with tempfile.TemporaryDirectory(prefix="edgeslim-cal-") as tmp:
+        work = Path(tmp)
+        overhead = _measure([Kernel("empty")], threads, work, 0, tick)[0]
+        kernels = design(types, per_type, seed)
+        meas = _measure(kernels, threads, work, 1, tick, energy_reader)
+        model = _fit(kernels, meas, overhead, device)
+        history = []
+        for r in range(rounds):
+            val = [random_kernel(t, rng) for t in types for _ in range(n_val)]
+            vm = _measure(val, threads, work, len(kernels) + 1, tick, energy_reader)
+            pred = [model.predict([k])[0] for k in val]
+            errs = np.array([abs(p / m["p50_ms"] - 1) for p, m in zip(pred, vm)])
+            history.append({"round": r + 1, "heldout_mape": float(errs.mean()),
+                            "heldout_within_10pct": float((errs <= 0.10).mean()), "points": len(val)})
+            worst = np.argsort(-errs)[: len(types) * n_nb]
+            nb = [neighbour(val[i], rng) for i in worst]
+            nb = [k if k.macs <= MAX_MACS else val[i] for k, i in zip(nb, worst)]
+            nm = _measure(nb, threads, work, len(kernels) + len(val) + 1, tick, energy_reader)
+            kernels += val + nb
+            meas += vm + nm
+            model = _fit(kernels, meas, overhead, device)
+    return CalibrationResult(kernels, meas, overhead, model, history)
+
+
+# ---- remote kits -----------------------------------------------------------------------------
+def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0) -> Path:
+    """A self-contained kit: micro-models, ``kit.json`` and ``run_kit.py`` (numpy + onnxruntime).
+
+    Remote devices cannot refit between rounds, so the kit holds a fixed design the size of the
+    mode's whole adaptive budget.
+    """
+    per_type, rounds, n_val, n_nb = MODES[mode]
+    kernels = [Kernel("empty")] + design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed)
+    kit_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, k in enumerate(kernels):
+        name = f"models/k{i:05d}.onnx"
+        (kit_dir / "models").mkdir(exist_ok=True)
+        onnx.save(micro_model(k, seed=i), str(kit_dir / name))
+        entries.append({"file": name, "kernel": dataclasses.asdict(k)})
+    kit_id = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12]
+    manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, "mode": mode, "threads": threads,
+                "protocol": _runner.PROTOCOL, "entries": entries}
+    (kit_dir / "kit.json").write_text(json.dumps(manifest, indent=1))
+    shutil.copyfile(_runner.__file__, kit_dir / "run_kit.py")
+    return kit_dir
+
+
+def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
+    """Fit a model from a kit's ``measurements.json`` content (first entry: the overhead model)."""
+    entries = data["entries"]
+    kernels = [Kernel(**e["kernel"]) for e in entries]
+    if kernels[0].op != "empty":
+        raise ValueError("measurements.entries[0] must be the per-inference overhead model ('empty')")
+    meas = [{k: e[k] for k in ("p50_ms", "p95_ms", "runs", "rejected")} for e in entries]
+    model = _fit(kernels[1:], meas[1:], meas[0], device)
+    return CalibrationResult(kernels[1:], meas[1:], meas[0], model, [])
+
+
+def kernel_types_of(kernels: Sequence[Kernel]) -> list[str]:
+    """Sorted distinct kernel types."""
+    return sorted({kernel_type(k) for k in kernels})

@@ -1,0 +1,244 @@
+"""The kernels a candidate runs in ONNX Runtime, read off the realized torch module.
+
+A candidate's latency is predicted as the sum of its kernels' latencies after the runtime's
+fusions, plus a per-inference overhead. The fusions modelled here are the ones ONNX Runtime's
+CPU provider applies to our exported graphs: BatchNorm folds into the preceding Conv, a
+ReLU/ReLU6/Clip following a Conv or Gemm fuses into it (FusedConv / Gemm+activation), and an
+int8 layer runs as Quantize → QLinearConv/QGemm → Dequantize. Reshapes, flattens and dropout
+cost nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from edgeslim.spaces import ObjectiveError, QuantizedLayer
+
+__all__ = ["Kernel", "KERNEL_FEATURES", "extract_kernels", "kernel_type"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One runtime kernel with the shape features the latency model reads.
+
+    ``op`` is one of ``conv``, ``gemm``, ``add``, ``pool``, ``gpool``, ``act``; spatial sizes
+    are those of the input (``h``, ``w``) and output (``ho``, ``wo``); ``bits`` is the weight
+    bit-width the kernel runs at (32 for float, also for weightless ops).
+
+    Example:
+        >>> k = Kernel("conv", 32, cin=16, cout=32, k=3, stride=1, groups=1, h=8, w=8, ho=8, wo=8)
+        >>> kernel_type(k), k.macs
+        ('conv_kxk@32', 294912)
+    """
+
+    op: str
+    bits: int = 32
+    cin: int = 1
+    cout: int = 1
+    k: int = 1
+    stride: int = 1
+    groups: int = 1
+    h: int = 1
+    w: int = 1
+    ho: int = 1
+    wo: int = 1
+    layer: str = ""
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates (elementwise ops: output elements)."""
+        if self.op == "conv":
+            return self.cout * self.ho * self.wo * (self.cin // self.groups) * self.k * self.k
+        if self.op == "gemm":
+            return self.cin * self.cout * self.ho * self.wo
+        return self.cout * self.ho * self.wo
+
+    @property
+    def in_elems(self) -> int:
+        """Elements of the (first) input tensor."""
+        return self.cin * self.h * self.w
+
+    @property
+    def out_elems(self) -> int:
+        """Elements of the output tensor."""
+        return self.cout * self.ho * self.wo
+
+    @property
+    def weight_elems(self) -> int:
+        """Weight elements (0 for weightless ops)."""
+        if self.op == "conv":
+            return self.cout * (self.cin // self.groups) * self.k * self.k
+        if self.op == "gemm":
+            return self.cin * self.cout
+        return 0
+
+    def features(self) -> list[float]:
+        """The regressor's feature vector (order: ``KERNEL_FEATURES``)."""
+        act_bytes = 1 if self.bits <= 8 else 4
+        return [
+            math.log2(self.macs + 1), math.log2(self.in_elems * act_bytes + 1),
+            math.log2(self.out_elems * act_bytes + 1), math.log2(self.weight_elems * self.bits / 8 + 1),
+            math.log2(self.cin), math.log2(self.cout), math.log2(self.ho * self.wo),
+            float(self.k), float(self.stride), float(self.cin % 8 == 0), float(self.cout % 8 == 0),
+        ]
+
+
+KERNEL_FEATURES = ("log2_macs", "log2_in_bytes", "log2_out_bytes", "log2_weight_bytes", "log2_cin",
+                   "log2_cout", "log2_out_hw", "kernel", "stride", "cin_mult8", "cout_mult8")
+
+
+def kernel_type(k: Kernel) -> str:
+    """The regressor a kernel belongs to: op variant and bits, e.g. ``conv_dw@8``.
+
+    Example:
+        >>> kernel_type(Kernel("conv", 8, cin=8, cout=8, groups=8, k=3))
+        'conv_dw@8'
+    """
+    if k.op == "conv":
+        if k.groups > 1:
+            variant = "conv_dw" if k.groups == k.cin == k.cout else "conv_group"
+        else:
+            variant = "conv_pw" if k.k == 1 else "conv_kxk"
+        return f"{variant}@{k.bits}"
+    if k.op == "gemm":
+        return f"gemm@{k.bits}"
+    return f"{k.op}@32"
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QuantizedLayer) or super().is_leaf_module(m, qualname)
+
+
+_ACTS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_FUSED_FUNCS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.clamp}
+_FREE_FUNCS = {torch.flatten, torch.reshape, operator.getitem, getattr, torch.nn.functional.dropout}
+_FREE_METHODS = {"view", "reshape", "flatten", "size", "contiguous", "squeeze", "unsqueeze", "permute",
+                 "transpose", "dim"}
+_FREE_MODULES = (nn.Flatten, nn.Dropout, nn.Identity, nn.BatchNorm1d, nn.BatchNorm2d)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.MaxPool1d, nn.AvgPool1d)
+_GPOOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool2d)
+_ELEMENTWISE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Hardswish, nn.SiLU, nn.GELU, nn.Tanh, nn.LeakyReLU)
+_ELEMENTWISE_FUNCS = {torch.sigmoid, torch.nn.functional.hardswish, torch.nn.functional.hardsigmoid,
+                      torch.nn.functional.silu, torch.nn.functional.gelu, torch.tanh, operator.mul, torch.mul}
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+
+
+def _chw(shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(shape) == 4:
+        return shape[1], shape[2], shape[3]
+    if len(shape) == 3:
+        return shape[1], 1, shape[2]
+    if len(shape) == 2:
+        return shape[1], 1, 1
+    return (int(math.prod(shape[1:])) if len(shape) > 1 else 1), 1, 1
+
+
+def extract_kernels(model: nn.Module, example_input: torch.Tensor) -> list[Kernel]:
+    """Trace ``model`` with torch.fx, propagate shapes, and list the kernels after fusion.
+
+    Raises :class:`ObjectiveError` naming the layer when an op has no kernel model here.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        >>> [kernel_type(k) for k in extract_kernels(m, torch.zeros(1, 1, 8, 8))]
+        ['conv_kxk@32']
+    """
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:
+        raise ObjectiveError(f"cannot trace {type(model).__name__} with torch.fx to list its kernels "
+                             f"({e}); measure latency on the device with --device local") from e
+    gm = torch.fx.GraphModule(model, graph)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example_input)
+    modules = dict(gm.named_modules())
+    kernels: list[Kernel] = []
+    producer_fuses: set[str] = set()  # nodes whose following activation is fused into them
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        src = args[0] if args else None
+        in_shape = _shape(src) if src is not None else ()
+        out_shape = _shape(node)
+        if node.op == "call_module":
+            mod = modules[node.target]
+            bits = 32
+            if isinstance(mod, QuantizedLayer):
+                bits, mod = mod.bits, mod.layer
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+                cin, h, w = _chw(in_shape)
+                cout, ho, wo = _chw(out_shape)
+                kernels.append(Kernel("conv", bits, cin, cout, int(mod.kernel_size[-1]), int(mod.stride[-1]),
+                                      mod.groups, h, w, ho, wo, node.target))
+                producer_fuses.add(node.name)
+            elif isinstance(mod, nn.Linear):
+                rows = int(math.prod(out_shape[:-1])) if len(out_shape) > 1 else 1
+                kernels.append(Kernel("gemm", bits, mod.in_features, mod.out_features, ho=rows, layer=node.target))
+                producer_fuses.add(node.name)
+            elif isinstance(mod, _FREE_MODULES):
+                if src is not None and src.name in producer_fuses:
+                    producer_fuses.add(node.name)  # BatchNorm folds; the activation after it still fuses
+            elif isinstance(mod, _ACTS):
+                if not (src is not None and src.name in producer_fuses):
+                    c, h, w = _chw(out_shape)
+                    kernels.append(Kernel("act", 32, c, c, h=h, w=w, ho=h, wo=w, layer=node.target))
+            elif isinstance(mod, _POOLS):
+                cin, h, w = _chw(in_shape)
+                cout, ho, wo = _chw(out_shape)
+                k = mod.kernel_size if isinstance(mod.kernel_size, int) else mod.kernel_size[-1]
+                s = mod.stride if isinstance(mod.stride, int) else mod.stride[-1]
+                kernels.append(Kernel("pool", 32, cin, cout, int(k), int(s), 1, h, w, ho, wo, node.target))
+            elif isinstance(mod, _GPOOLS):
+                cin, h, w = _chw(in_shape)
+                kernels.append(Kernel("gpool", 32, cin, cin, h=h, w=w, layer=node.target))
+            elif isinstance(mod, _ELEMENTWISE_MODULES):
+                c, h, w = _chw(out_shape)
+                kernels.append(Kernel("act", 32, c, c, h=h, w=w, ho=h, wo=w, layer=node.target))
+            else:
+                raise ObjectiveError(f"no latency kernel for layer {node.target!r} ({type(mod).__name__})")
+        elif node.op == "call_function" or node.op == "call_method":
+            fn = node.target
+            if node.op == "call_method" and fn in _FREE_METHODS or fn in _FREE_FUNCS:
+                continue
+            if node.op == "call_method" and fn in ("relu", "relu_", "clamp"):
+                fn = torch.relu
+            if node.op == "call_method" and fn == "mean":
+                cin, h, w = _chw(in_shape)
+                kernels.append(Kernel("gpool", 32, cin, cin, h=h, w=w, layer=node.name))
+                continue
+            if fn in _FUSED_FUNCS:
+                if src is not None and src.name in producer_fuses:
+                    continue
+                c, h, w = _chw(out_shape)
+                kernels.append(Kernel("act", 32, c, c, h=h, w=w, ho=h, wo=w, layer=node.name))
+            elif fn in (operator.add, torch.add, operator.iadd) and len(args) == 2:
+                c, h, w = _chw(out_shape)
+                kernels.append(Kernel("add", 32, c, c, h=h, w=w, ho=h, wo=w, layer=node.name))
+                producer_fuses.add(node.name)  # Add + ReLU is one kernel in the calibration too
+            elif fn in _ELEMENTWISE_FUNCS:
+                c, h, w = _chw(out_shape)
+                kernels.append(Kernel("act", 32, c, c, h=h, w=w, ho=h, wo=w, layer=node.name))
+            elif fn in (torch.nn.functional.adaptive_avg_pool2d, torch.mean):
+                cin, h, w = _chw(in_shape)
+                kernels.append(Kernel("gpool", 32, cin, cin, h=h, w=w, layer=node.name))
+            elif fn in (torch.cat, torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d):
+                raise ObjectiveError(f"no latency kernel for {node.name!r} ({getattr(fn, '__name__', fn)})")
+            elif node.op == "call_function" and fn in (torch.nn.functional.linear, torch.conv2d):
+                raise ObjectiveError(f"no latency kernel for functional {node.name!r}; use nn.Conv2d/nn.Linear")
+            else:
+                raise ObjectiveError(f"no latency kernel for {node.name!r} ({getattr(fn, '__name__', fn)})")
+    return kernels

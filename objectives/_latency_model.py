@@ -1,0 +1,244 @@
+"""Kernel-level latency model: one regressor per kernel type, fitted to a device's measurements.
+
+Each kernel type (``conv_kxk@8``, ``gemm@32``, ...) gets a ridge regression of log latency on
+the kernel's features (it extrapolates sanely from few points), plus, where there are enough
+measurements, gradient-boosted trees on its residuals (scikit-learn fits them; they are stored
+as plain arrays and evaluated with numpy, so a profile is JSON and prediction needs no sklearn).
+A candidate's p50 is the per-inference overhead plus the sum of its kernels' p50s; its p95 adds
+each kernel type's measured p95/p50 ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from edgeslim.objectives._kernels import KERNEL_FEATURES, Kernel, kernel_type
+from edgeslim.spaces import ObjectiveError
+
+__all__ = ["LatencyModel", "TreeEnsemble"]
+
+MIN_KERNEL_MS = 1e-4
+
+
+@dataclasses.dataclass
+class TreeEnsemble:
+    """Boosted regression trees as padded arrays: evaluated for all trees and rows at once.
+
+    Leaves point to themselves, so ``depth`` fixed steps reach every leaf.
+
+    Example:
+        >>> t = TreeEnsemble.constant(0.5)
+        >>> t.predict(np.zeros((2, 3))).tolist()
+        [0.5, 0.5]
+    """
+
+    feature: np.ndarray
+    threshold: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    value: np.ndarray
+    depth: int
+
+    @classmethod
+    def constant(cls, value: float) -> TreeEnsemble:
+        """An ensemble that always predicts ``value``."""
+        z = np.zeros((1, 1))
+        return cls(z.astype(int), np.full((1, 1), np.inf), z.astype(int), z.astype(int), np.full((1, 1), value), 0)
+
+    @classmethod
+    def from_sklearn(cls, gbr: Any) -> TreeEnsemble:
+        """Convert a fitted ``GradientBoostingRegressor`` (its learning rate folded into the leaves)."""
+        trees = [est[0].tree_ for est in gbr.estimators_]
+        m = max(t.node_count for t in trees)
+        n = len(trees)
+        feature = np.zeros((n, m), dtype=np.int64)
+        threshold = np.full((n, m), np.inf)
+        idx = np.arange(m)
+        left = np.tile(idx, (n, 1))
+        right = np.tile(idx, (n, 1))
+        value = np.zeros((n, m))
+        for i, t in enumerate(trees):
+            c = t.node_count
+            internal = t.children_left[:c] >= 0
+            feature[i, :c] = np.where(internal, t.feature[:c], 0)
+            threshold[i, :c] = np.where(internal, t.threshold[:c], np.inf)
+            left[i, :c] = np.where(internal, t.children_left[:c], idx[:c])
+            right[i, :c] = np.where(internal, t.children_right[:c], idx[:c])
+            value[i, :c] = t.value[:c, 0, 0] * gbr.learning_rate
+        return cls(feature, threshold, left, right, value, int(max(t.max_depth for t in trees)))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Sum of the trees' leaf values for each row of ``x``."""
+        n_trees = self.feature.shape[0]
+        rows = np.arange(x.shape[0])[None, :]
+        trees = np.arange(n_trees)[:, None]
+        node = np.zeros((n_trees, x.shape[0]), dtype=np.int64)
+        for _ in range(self.depth):
+            f = self.feature[trees, node]
+            go_left = x[rows, f] <= self.threshold[trees, node]
+            node = np.where(go_left, self.left[trees, node], self.right[trees, node])
+        return self.value[trees, node].sum(axis=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (infinite thresholds of leaves stored as null)."""
+        thr = [[None if math.isinf(v) else float(v) for v in row] for row in self.threshold]
+        return {"feature": self.feature.tolist(), "threshold": thr, "left": self.left.tolist(),
+                "right": self.right.tolist(), "value": self.value.tolist(), "depth": self.depth}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TreeEnsemble:
+        """Inverse of ``to_dict``."""
+        thr = np.array([[np.inf if v is None else v for v in row] for row in d["threshold"]], dtype=float)
+        return cls(np.array(d["feature"], dtype=np.int64), thr, np.array(d["left"], dtype=np.int64),
+                   np.array(d["right"], dtype=np.int64), np.array(d["value"], dtype=float), int(d["depth"]))
+
+
+@dataclasses.dataclass
+class _TypeModel:
+    coef: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    intercept: float
+    trees: TreeEnsemble | None
+    p95_ratio: float
+    n: int
+
+    def predict_log(self, x: np.ndarray) -> np.ndarray:
+        z = (x - self.mean) / self.scale
+        out = z @ self.coef + self.intercept
+        if self.trees is not None:
+            out = out + self.trees.predict(x)
+        return out
+
+
+class LatencyModel:
+    """Predicts batch-1 latency of a kernel list on one device (scikit-learn estimator style).
+
+    ``fit(kernels, p50_ms, p95_ms, overhead_ms)`` learns; learned attributes end in ``_``;
+    ``predict(kernels)`` refuses to run unfitted and raises for kernel types it never saw.
+
+    Example:
+        >>> ks = [Kernel("gemm", 32, cin=c, cout=c) for c in (8, 16, 32, 64, 128, 256)]
+        >>> m = LatencyModel(device="toy").fit(ks, [1e-5 * k.macs for k in ks], [1.2e-5 * k.macs for k in ks], 0.01)
+        >>> round(m.predict([Kernel("gemm", 32, cin=64, cout=64)])[0], 3)
+        0.051
+    """
+
+    def __init__(self, device: str = "", ridge: float = 1e-3, min_tree_points: int = 40,
+                 n_estimators: int = 150, max_depth: int = 3, learning_rate: float = 0.1, seed: int = 0) -> None:
+        self.device = device
+        self.ridge = ridge
+        self.min_tree_points = min_tree_points
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.seed = seed
+
+    def fit(self, kernels: Sequence[Kernel], p50_ms: Sequence[float], p95_ms: Sequence[float],
+            overhead_ms: float, overhead_p95_ms: float | None = None) -> LatencyModel:
+        """Fit one model per kernel type on ``log(p50)``; returns ``self``."""
+        by_type: dict[str, list[int]] = {}
+        for i, k in enumerate(kernels):
+            by_type.setdefault(kernel_type(k), []).append(i)
+        self.types_: dict[str, _TypeModel] = {}
+        for t, idx in sorted(by_type.items()):
+            x = np.array([kernels[i].features() for i in idx])
+            y50 = np.maximum(np.array([p50_ms[i] for i in idx]), MIN_KERNEL_MS)
+            y95 = np.maximum(np.array([p95_ms[i] for i in idx]), MIN_KERNEL_MS)
+            self.types_[t] = self._fit_type(x, np.log(y50), float(np.median(y95 / y50)))
+        self.overhead_ms_ = float(overhead_ms)
+        self.overhead_p95_ms_ = float(overhead_p95_ms if overhead_p95_ms is not None else overhead_ms)
+        self._cache: dict[Kernel, tuple[float, float]] = {}
+        return self
+
+    def _fit_type(self, x: np.ndarray, y: np.ndarray, ratio: float) -> _TypeModel:
+        mean, scale = x.mean(axis=0), x.std(axis=0)
+        scale = np.where(scale > 1e-9, scale, 1.0)
+        z = (x - mean) / scale
+        intercept = float(y.mean())
+        a = z.T @ z + self.ridge * len(y) * np.eye(z.shape[1])
+        coef = np.linalg.solve(a, z.T @ (y - intercept))
+        trees = None
+        if len(y) >= self.min_tree_points:
+            from sklearn.ensemble import GradientBoostingRegressor
+
+            resid = y - (z @ coef + intercept)
+            gbr = GradientBoostingRegressor(n_estimators=self.n_estimators, max_depth=self.max_depth,
+                                            learning_rate=self.learning_rate, subsample=0.8,
+                                            random_state=self.seed).fit(x, resid)
+            trees = TreeEnsemble.from_sklearn(gbr)
+            # the ensemble's starting value (the residuals' mean) rides on every leaf of tree 0
+            trees.value[0] += float(np.ravel(getattr(gbr.init_, "constant_", [0.0]))[0])
+        return _TypeModel(coef, mean, scale, intercept, trees, ratio, len(y))
+
+    def _check(self) -> None:
+        if not hasattr(self, "types_"):
+            raise ObjectiveError("this LatencyModel is not fitted; call fit() or load a calibrated profile")
+
+    def covers(self, kernel: Kernel) -> bool:
+        """Whether the profile has a model for this kernel's type."""
+        self._check()
+        return kernel_type(kernel) in self.types_
+
+    def predict_kernels(self, kernels: Sequence[Kernel]) -> list[tuple[float, float]]:
+        """(p50, p95) in ms of each kernel, overhead excluded."""
+        self._check()
+        out: list[tuple[float, float] | None] = [self._cache.get(k) for k in kernels]
+        todo: dict[str, list[int]] = {}
+        for i, k in enumerate(kernels):
+            if out[i] is None:
+                t = kernel_type(k)
+                if t not in self.types_:
+                    raise ObjectiveError(
+                        f"layer {k.layer!r} runs a {t} kernel that device profile {self.device!r} does not "
+                        f"cover (covered: {sorted(self.types_)}); re-run `edgeslim calibrate --device "
+                        f"{self.device}` with --full, or freeze that layer's bits")
+                todo.setdefault(t, []).append(i)
+        for t, idx in todo.items():
+            model = self.types_[t]
+            x = np.array([kernels[i].features() for i in idx])
+            p50 = np.exp(model.predict_log(x))
+            for j, i in enumerate(idx):
+                pair = (float(p50[j]), float(p50[j] * model.p95_ratio))
+                out[i] = pair
+                self._cache[kernels[i]] = pair
+        return out  # type: ignore[return-value]
+
+    def predict(self, kernels: Sequence[Kernel]) -> tuple[float, float]:
+        """Predicted (p50, p95) latency in ms of one inference running ``kernels``."""
+        per = self.predict_kernels(kernels)
+        return (self.overhead_ms_ + sum(p for p, _ in per), self.overhead_p95_ms_ + sum(q for _, q in per))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form of the fitted model."""
+        self._check()
+        return {
+            "features": list(KERNEL_FEATURES),
+            "overhead_ms": self.overhead_ms_, "overhead_p95_ms": self.overhead_p95_ms_,
+            "types": {t: {"coef": m.coef.tolist(), "mean": m.mean.tolist(), "scale": m.scale.tolist(),
+                          "intercept": m.intercept, "p95_ratio": m.p95_ratio, "n": m.n,
+                          "trees": m.trees.to_dict() if m.trees is not None else None}
+                      for t, m in self.types_.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], device: str = "") -> LatencyModel:
+        """Rebuild a fitted model from ``to_dict`` output."""
+        if list(d["features"]) != list(KERNEL_FEATURES):
+            raise ValueError(f"model.features {d['features']} differ from this version's {list(KERNEL_FEATURES)}")
+        m = cls(device=device)
+        m.types_ = {
+            t: _TypeModel(np.array(v["coef"], float), np.array(v["mean"], float), np.array(v["scale"], float),
+                          float(v["intercept"]), TreeEnsemble.from_dict(v["trees"]) if v["trees"] else None,
+                          float(v["p95_ratio"]), int(v["n"]))
+            for t, v in d["types"].items()
+        }
+        m.overhead_ms_ = float(d["overhead_ms"])
+        m.overhead_p95_ms_ = float(d["overhead_p95_ms"])
+        m._cache = {}
+        return m
