@@ -12,10 +12,13 @@ Example:
 from edgeslim.objectives._accuracy import AccuracyObjective, evaluate_accuracy, finetune_
 from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
 from edgeslim.objectives._data import batches, sample_inputs
-from edgeslim.objectives._device import DeviceProfile, EnergyConstants
+from edgeslim.objectives._device import (DEVICES_DIR, DeviceProfile, EnergyConstants, ProfileError, known_devices,
+                                         load_device)
 from edgeslim.objectives._energy import EnergyBreakdown, EnergyObjective, estimate_energy
 from edgeslim.objectives._export import LatencyStats, build_artifact, export_onnx, measure_latency, quantize_onnx
+from edgeslim.objectives._kernels import Kernel, extract_kernels, kernel_type
 from edgeslim.objectives._latency import LatencyObjective
+from edgeslim.objectives._latency_model import LatencyModel
 from edgeslim.objectives._size import SizeObjective, model_size_bytes
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -23,7 +26,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 __all__ = sorted([
-    "AccuracyObjective", "Candidate", "DataSplits", "DeviceProfile", "EnergyBreakdown",
+    "DEVICES_DIR", "Kernel", "LatencyModel", "ProfileError", "extract_kernels", "kernel_type", "known_devices",
+    "load_device", "AccuracyObjective", "Candidate", "DataSplits", "DeviceProfile", "EnergyBreakdown",
     "EnergyConstants", "EnergyObjective", "EvalContext", "FinetuneConfig", "LatencyObjective",
     "LatencyStats", "OBJECTIVES", "Objective", "SizeObjective", "batches", "build_artifact",
     "estimate_energy", "evaluate_accuracy", "export_onnx", "finetune_", "measure_latency",

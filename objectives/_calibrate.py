@@ -28,7 +28,8 @@ OPSET = 21  # int4 DequantizeLinear is standard from opset 21
 IR_VERSION = 10
 
 # (initial points per type, adaptive rounds, validation points per round, neighbours per round)
-MODES: dict[str, tuple[int, int, int, int]] = {"quick": (10, 1, 5, 5), "full": (40, 3, 15, 15)}
+MODES: dict[str, tuple[int, int, int, int]] = {"quick": (20, 1, 10, 10), "full": (60, 3, 20, 20)}
+IO_SIZES = (1, 64, 1024, 8192, 32768, 131072, 524288, 1048576)  # Identity models for the overhead fit
 MAX_MACS = 250_000_000
 
 KERNEL_TYPES: tuple[str, ...] = tuple(
@@ -122,10 +123,10 @@ def micro_model(k: Kernel, seed: int = 0) -> onnx.ModelProto:
         inputs = [helper.make_tensor_value_info("x", f32, shape)]
         nodes.append(helper.make_node("Sigmoid", ["x"], ["out"]))
         y_shape = shape
-    elif k.op == "empty":
-        inputs = [helper.make_tensor_value_info("x", f32, [1, 1])]
+    elif k.op == "io":
+        inputs = [helper.make_tensor_value_info("x", f32, [1, k.cin])]
         nodes.append(helper.make_node("Identity", ["x"], ["out"]))
-        y_shape = [1, 1]
+        y_shape = [1, k.cin]
     else:
         raise ValueError(f"no micro-model for kernel op {k.op!r}")
     graph = helper.make_graph(nodes, f"edgeslim_{k.op}", inputs,
@@ -230,7 +231,6 @@ class CalibrationResult:
 
     kernels: list[Kernel]
     measurements: list[dict[str, Any]]
-    overhead: dict[str, Any]
     model: LatencyModel
     rounds: list[dict[str, float]]
 
@@ -241,19 +241,19 @@ def _measure(kernels: Sequence[Kernel], threads: int, workdir: Path, offset: int
     for i, k in enumerate(kernels):
         path = workdir / f"k{offset + i}.onnx"
         onnx.save(micro_model(k, seed=offset + i), str(path))
-        session = _runner.make_session(str(path), threads)
-        out.append(_runner.time_session(session, _runner.random_feed(session, offset + i),
-                                        energy_reader=energy_reader))
+        out.append(_runner.measure_file(str(path), threads, offset + i, energy_reader=energy_reader))
         path.unlink()
         tick()
     return out
 
 
-def _fit(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], overhead: dict[str, Any],
-         device: str) -> LatencyModel:
-    base50, base95 = overhead["p50_ms"], overhead["p95_ms"]
-    return LatencyModel(device=device).fit(
-        kernels, [m["p50_ms"] - base50 for m in meas], [m["p95_ms"] - base95 for m in meas], base50, base95)
+def io_kernels() -> list[Kernel]:
+    """Identity models of several sizes; they calibrate the per-inference overhead."""
+    return [Kernel("io", cin=n, cout=n) for n in IO_SIZES]
+
+
+def _fit(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], device: str) -> LatencyModel:
+    return LatencyModel(device=device).fit(kernels, meas)
 
 
 def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
@@ -265,7 +265,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
     (reported as that round's held-out error), and measures neighbours of the worst quarter.
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
-    total = 1 + len(types) * (per_type + rounds * (n_val + n_nb))
+    total = len(IO_SIZES) + len(types) * (per_type + rounds * (n_val + n_nb))
     done = 0
 
     def tick() -> None:
@@ -277,26 +277,25 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
     rng = np.random.default_rng(seed + 1)
     with tempfile.TemporaryDirectory(prefix="edgeslim-cal-") as tmp:
         work = Path(tmp)
-        overhead = _measure([Kernel("empty")], threads, work, 0, tick)[0]
-        kernels = design(types, per_type, seed)
-        meas = _measure(kernels, threads, work, 1, tick, energy_reader)
-        model = _fit(kernels, meas, overhead, device)
+        kernels = io_kernels() + design(types, per_type, seed)
+        meas = _measure(kernels, threads, work, 0, tick, energy_reader)
+        model = _fit(kernels, meas, device)
         history = []
         for r in range(rounds):
             val = [random_kernel(t, rng) for t in types for _ in range(n_val)]
-            vm = _measure(val, threads, work, len(kernels) + 1, tick, energy_reader)
-            pred = [model.predict([k])[0] for k in val]
+            vm = _measure(val, threads, work, len(kernels), tick, energy_reader)
+            pred = [model.predict([k], m["io_bytes"])[0] for k, m in zip(val, vm)]
             errs = np.array([abs(p / m["p50_ms"] - 1) for p, m in zip(pred, vm)])
             history.append({"round": r + 1, "heldout_mape": float(errs.mean()),
                             "heldout_within_10pct": float((errs <= 0.10).mean()), "points": len(val)})
             worst = np.argsort(-errs)[: len(types) * n_nb]
             nb = [neighbour(val[i], rng) for i in worst]
             nb = [k if k.macs <= MAX_MACS else val[i] for k, i in zip(nb, worst)]
-            nm = _measure(nb, threads, work, len(kernels) + len(val) + 1, tick, energy_reader)
+            nm = _measure(nb, threads, work, len(kernels) + len(val), tick, energy_reader)
             kernels += val + nb
             meas += vm + nm
-            model = _fit(kernels, meas, overhead, device)
-    return CalibrationResult(kernels, meas, overhead, model, history)
+            model = _fit(kernels, meas, device)
+    return CalibrationResult(kernels, meas, model, history)
 
 
 # ---- remote kits -----------------------------------------------------------------------------
@@ -307,7 +306,7 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0) ->
     mode's whole adaptive budget.
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
-    kernels = [Kernel("empty")] + design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed)
+    kernels = io_kernels() + design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed)
     kit_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, k in enumerate(kernels):
@@ -324,16 +323,48 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0) ->
 
 
 def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
-    """Fit a model from a kit's ``measurements.json`` content (first entry: the overhead model)."""
+    """Fit a model from a kit's ``measurements.json`` content."""
     entries = data["entries"]
     kernels = [Kernel(**e["kernel"]) for e in entries]
-    if kernels[0].op != "empty":
-        raise ValueError("measurements.entries[0] must be the per-inference overhead model ('empty')")
-    meas = [{k: e[k] for k in ("p50_ms", "p95_ms", "runs", "rejected")} for e in entries]
-    model = _fit(kernels[1:], meas[1:], meas[0], device)
-    return CalibrationResult(kernels[1:], meas[1:], meas[0], model, [])
+    keys = ("p50_ms", "p95_ms", "runs", "rejected", "io_bytes")
+    for i, e in enumerate(entries):
+        missing = [k for k in keys if k not in e]
+        if missing:
+            raise ValueError(f"measurements.entries[{i}] lacks {missing}; re-run the kit's run_kit.py")
+    meas = [{k: e[k] for k in keys} for e in entries]
+    return CalibrationResult(kernels, meas, _fit(kernels, meas, device), [])
 
 
 def kernel_types_of(kernels: Sequence[Kernel]) -> list[str]:
     """Sorted distinct kernel types."""
     return sorted({kernel_type(k) for k in kernels})
+
+
+def fit_energy(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], source: str) -> Any:
+    """Fit energy constants to metered micro-model runs (non-negative least squares).
+
+    Model per inference: Σ_bits e_mac(bits)·MACs + e_byte·bytes moved + P_static·latency.
+    Returns ``None`` when the runs carry no energy readings (no meter).
+    """
+    from scipy.optimize import nnls
+
+    from edgeslim.objectives._device import EnergyConstants
+
+    rows, target = [], []
+    for k, m in zip(kernels, meas):
+        if "energy_mj" not in m:
+            continue
+        act = 1 if k.bits <= 8 else 4
+        moved = k.weight_elems * k.bits / 8 + act * (k.in_elems + k.out_elems)
+        rows.append([k.macs * (k.bits == 32), k.macs * (k.bits == 8), k.macs * (k.bits == 4), moved,
+                     m["p50_ms"]])
+        target.append(m["energy_mj"])
+    if len(rows) < 10:
+        return None
+    a = np.array(rows, dtype=float)
+    scale = np.maximum(a.max(axis=0), 1e-12)
+    coef, _ = nnls(a / scale, np.array(target))
+    coef = coef / scale
+    pj = 1e9  # mJ -> pJ
+    return EnergyConstants(mac_pj_by_bits={32: coef[0] * pj, 8: coef[1] * pj, 4: coef[2] * pj},
+                           byte_pj=coef[3] * pj, static_w=float(coef[4]), source=source, measured=True)

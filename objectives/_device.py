@@ -1,11 +1,35 @@
-"""Device profiles: measurement protocol and energy constants of one target."""
+"""Device profiles: who the target is, how it was measured, its latency model and energy constants.
+
+Profiles live as schema-versioned JSON in ``studies/devices/NAME.json``. ``local`` is built in:
+it has no latency model and means "measure on this machine".
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DeviceProfile", "EnergyConstants"]
+from edgeslim.spaces import SpecError
+
+if TYPE_CHECKING:
+    from edgeslim.objectives._latency_model import LatencyModel
+
+__all__ = ["DEVICES_DIR", "DeviceProfile", "EnergyConstants", "ProfileError", "known_devices", "load_device"]
+
+PROFILE_SCHEMA = "edgeslim.device-profile"
+PROFILE_VERSION = 1
+DEVICES_DIR = Path("studies") / "devices"
+
+
+class ProfileError(SpecError):
+    """A device profile is missing, corrupted, hand-edited into an invalid state, or unknown."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +42,7 @@ class EnergyConstants:
     DRAM 64-bit access 1.3-2.6 nJ, low end taken, i.e. 1300/8 pJ per byte. Static power is the
     idle draw of a Raspberry Pi 4 B (540 mA at 5.1 V ~ 2.7 W; Geerling, "Power Consumption
     Benchmarks", pidramble.com). These are estimates, not measurements; a profile calibrated
-    with a power meter replaces them.
+    with a power meter replaces them with fitted values (``measured=True``).
 
     Example:
         >>> EnergyConstants().mac_pj(8)
@@ -37,24 +61,170 @@ class EnergyConstants:
         """Energy of one multiply-accumulate at ``bits`` (weights; 32 means fp32)."""
         return self.mac_pj_by_bits[bits]
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"mac_pj_by_bits": {str(k): v for k, v in self.mac_pj_by_bits.items()},
+                "byte_pj": self.byte_pj, "static_w": self.static_w, "source": self.source,
+                "measured": self.measured}
+
 
 @dataclasses.dataclass(frozen=True)
 class DeviceProfile:
-    """A target device: its name, the runtime's thread count, and its energy constants.
+    """A target device: name, runtime threads, energy constants and (if calibrated) a latency model.
 
-    ``local`` measures latency on this machine with ONNX Runtime (hardware in the loop).
+    ``local`` has no latency model: latency is measured on this machine (hardware in the loop).
 
     Example:
         >>> p = DeviceProfile.local(threads=1)
-        >>> p.name, p.threads, p.energy.measured
-        ('local', 1, False)
+        >>> p.name, p.threads, p.energy.measured, p.predicts_latency
+        ('local', 1, False, False)
     """
 
     name: str
     threads: int = 1
     energy: EnergyConstants = dataclasses.field(default_factory=EnergyConstants)
+    latency_model: LatencyModel | None = dataclasses.field(default=None, compare=False, repr=False)
+    facts: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    profile_id: str = ""
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def local(cls, threads: int = 1) -> DeviceProfile:
         """This machine, measured directly; energy from the documented default constants."""
         return cls(name="local", threads=threads)
+
+    @property
+    def predicts_latency(self) -> bool:
+        """True for calibrated profiles (latency predicted by the model, not measured)."""
+        return self.latency_model is not None
+
+    def describe(self) -> str:
+        """One line for reports: name, id, how latency and energy are obtained."""
+        lat = f"predicted by profile {self.name} ({self.profile_id})" if self.predicts_latency else "measured locally"
+        en = "fitted to a power meter" if self.energy.measured else "estimated from published constants"
+        return f"device {self.name}, {self.threads} thread(s): latency {lat}; energy {en}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The schema-versioned JSON document."""
+        if self.latency_model is None:
+            raise ProfileError(f"profile {self.name!r} has no latency model to save")
+        return {"schema": PROFILE_SCHEMA, "version": PROFILE_VERSION, "name": self.name, "id": self.profile_id,
+                "threads": self.threads, "facts": dict(self.facts), "energy": self.energy.to_dict(),
+                "model": self.latency_model.to_dict(), **dict(self.extra)}
+
+    def save(self, path: Path, replace: bool = False) -> Path:
+        """Write the profile; an existing file is never overwritten unless ``replace`` (then kept as .bak)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            if not replace:
+                raise ProfileError(f"device profile {str(path)!r} already exists; pick another --device name "
+                                   "or pass --replace (the old profile is kept as a .bak file)")
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            path.rename(path.with_name(f"{path.stem}.{stamp}.bak.json"))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "profile") -> DeviceProfile:
+        """Validate and load a profile document; errors name the bad field."""
+        from edgeslim.objectives._latency_model import LatencyModel
+
+        def need(obj: Any, key: str, typ: type | tuple[type, ...], path: str) -> Any:
+            if not isinstance(obj, dict) or key not in obj:
+                raise ProfileError(f"{where}: field {path} is missing; re-run `edgeslim calibrate`")
+            value = obj[key]
+            if not isinstance(value, typ) or isinstance(value, bool) and typ in (int, float, (int, float)):
+                raise ProfileError(f"{where}: field {path} must be {getattr(typ, '__name__', typ)}, "
+                                   f"got {type(value).__name__}")
+            return value
+
+        if need(d, "schema", str, "schema") != PROFILE_SCHEMA:
+            raise ProfileError(f"{where}: field schema must be {PROFILE_SCHEMA!r}, got {d['schema']!r}")
+        version = need(d, "version", int, "version")
+        if version != PROFILE_VERSION:
+            raise ProfileError(f"{where}: field version is {version}, this edgeslim reads {PROFILE_VERSION}; "
+                               "re-run `edgeslim calibrate`")
+        name = need(d, "name", str, "name")
+        threads = need(d, "threads", int, "threads")
+        facts = need(d, "facts", dict, "facts")
+        energy_d = need(d, "energy", dict, "energy")
+        model_d = need(d, "model", dict, "model")
+        for key in ("features", "types"):
+            need(model_d, key, (list, dict), f"model.{key}")
+        need(model_d, "overhead_ms", list, "model.overhead_ms")
+        need(model_d, "overhead_p95_ratio", (int, float), "model.overhead_p95_ratio")
+        for t, v in model_d["types"].items():
+            for key in ("coef", "mean", "scale", "intercept", "p95_ratio", "n"):
+                need(v, key, (list, int, float), f"model.types.{t}.{key}")
+            if not (len(v["coef"]) == len(v["mean"]) == len(v["scale"]) == len(model_d["features"])):
+                raise ProfileError(f"{where}: field model.types.{t}.coef has {len(v['coef'])} values, "
+                                   f"expected {len(model_d['features'])}")
+        mac = need(energy_d, "mac_pj_by_bits", dict, "energy.mac_pj_by_bits")
+        try:
+            energy = EnergyConstants(
+                mac_pj_by_bits={int(k): float(v) for k, v in mac.items()},
+                byte_pj=float(need(energy_d, "byte_pj", (int, float), "energy.byte_pj")),
+                static_w=float(need(energy_d, "static_w", (int, float), "energy.static_w")),
+                source=str(need(energy_d, "source", str, "energy.source")),
+                measured=bool(need(energy_d, "measured", bool, "energy.measured")))
+            model = LatencyModel.from_dict(model_d, device=name)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ProfileError(f"{where}: invalid model or energy section ({e}); re-run `edgeslim calibrate`") from None
+        extra = {k: v for k, v in d.items() if k not in
+                 ("schema", "version", "name", "id", "threads", "facts", "energy", "model")}
+        return cls(name=name, threads=threads, energy=energy, latency_model=model, facts=facts,
+                   profile_id=str(d.get("id", "")), extra=extra)
+
+    @classmethod
+    def load(cls, path: Path) -> DeviceProfile:
+        """Read a profile file; warns when it was made with another onnxruntime version."""
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"device profile {str(path)!r} is not valid JSON ({e}); re-run `edgeslim calibrate`") from None
+        profile = cls.from_dict(data, where=f"device profile {str(path)!r}")
+        import onnxruntime
+
+        theirs = profile.facts.get("onnxruntime")
+        if theirs and theirs != onnxruntime.__version__:
+            warnings.warn(f"device profile {profile.name!r} was calibrated with onnxruntime {theirs}, this machine "
+                          f"has {onnxruntime.__version__}; predictions may be off until you re-calibrate",
+                          stacklevel=2)
+        return profile
+
+
+def profile_id(facts: Mapping[str, Any], created: str) -> str:
+    """Short id of a calibration: hash of the device facts and the creation time."""
+    return hashlib.sha256(json.dumps({"facts": facts, "created": created}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def known_devices(devices_dir: Path = DEVICES_DIR) -> list[str]:
+    """Names of the calibrated profiles in ``devices_dir`` (plus ``local``)."""
+    names = sorted(p.stem for p in devices_dir.glob("*.json") if ".bak" not in p.name) if devices_dir.is_dir() else []
+    return ["local", *names]
+
+
+def load_device(name: str, threads: int | None = None, devices_dir: Path = DEVICES_DIR) -> DeviceProfile:
+    """The profile called ``name``: ``local`` or ``devices_dir/NAME.json``.
+
+    Example:
+        >>> load_device("local").name
+        'local'
+    """
+    cores = os.cpu_count() or 1
+    if name == "local":
+        t = threads or 1
+        if t > cores:
+            raise ProfileError(f"--threads {t} exceeds this machine's {cores} cores; use at most {cores}")
+        return DeviceProfile.local(threads=t)
+    path = devices_dir / f"{name}.json"
+    if not path.is_file():
+        raise ProfileError(f"unknown device {name!r}; known devices: {known_devices(devices_dir)}; "
+                           f"run `edgeslim calibrate --device {name}` on it first")
+    profile = DeviceProfile.load(path)
+    if threads and threads != profile.threads:
+        raise ProfileError(f"device {name!r} was calibrated with {profile.threads} thread(s), not {threads}; "
+                           f"calibrate it again with --threads {threads} under another name")
+    return profile

@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeslim.spaces import ObjectiveError, QuantizedLayer
 
-__all__ = ["Kernel", "KERNEL_FEATURES", "extract_kernels", "kernel_type"]
+__all__ = ["Kernel", "KERNEL_FEATURES", "extract_kernels", "io_bytes", "kernel_type"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,3 +242,14 @@ def extract_kernels(model: nn.Module, example_input: torch.Tensor) -> list[Kerne
             else:
                 raise ObjectiveError(f"no latency kernel for {node.name!r} ({getattr(fn, '__name__', fn)})")
     return kernels
+
+
+def io_bytes(kernels: Sequence[Kernel], example_input: torch.Tensor) -> int:
+    """Bytes of the model's input and (last kernel's) output, which every inference binds.
+
+    Example:
+        >>> io_bytes([Kernel("gemm", 32, cin=4, cout=10)], torch.zeros(1, 4))
+        56
+    """
+    out = kernels[-1].out_elems if kernels else 0
+    return int(example_input.numel() * 4 + out * 4)

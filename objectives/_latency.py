@@ -7,6 +7,7 @@ import numpy as np
 from edgeslim.objectives._base import Candidate, EvalContext, Objective
 from edgeslim.objectives._data import sample_inputs
 from edgeslim.objectives._export import build_artifact, measure_latency
+from edgeslim.objectives._kernels import extract_kernels, io_bytes
 from edgeslim.spaces import layer_bits
 
 __all__ = ["LatencyObjective"]
@@ -15,7 +16,11 @@ CALIBRATION_SAMPLES = 32
 
 
 class LatencyObjective(Objective):
-    """Median batch-1 latency (ms) of the exported, quantized candidate on this machine.
+    """Median batch-1 latency (ms): measured on this machine, or predicted by a calibrated profile.
+
+    With ``local`` the exported, quantized candidate is timed with ONNX Runtime. With a
+    calibrated device profile its kernels are read off the realized module and summed by the
+    profile's latency model (well under a millisecond per candidate).
 
     Records ``latency_p95_ms``, ``latency_runs``, ``latency_method``, ``artifact_bytes`` (the
     ONNX file's size) and ``runtime_bits`` (the bits each layer really runs at).
@@ -30,6 +35,8 @@ class LatencyObjective(Objective):
     unit = "ms"
 
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> float:
+        if ctx.device.predicts_latency:
+            return self._predict(candidate, ctx)
         calib = [t.numpy().astype(np.float32)
                  for t in sample_inputs(ctx.data.train, CALIBRATION_SAMPLES, ctx.seed)]
         path, runtime_bits = build_artifact(candidate.model, ctx.example_input,
@@ -45,3 +52,16 @@ class LatencyObjective(Objective):
             runtime_bits=runtime_bits,
         )
         return stats.p50_ms
+
+    def _predict(self, candidate: Candidate, ctx: EvalContext) -> float:
+        model = ctx.device.latency_model
+        assert model is not None
+        kernels = extract_kernels(candidate.model, ctx.example_input)
+        p50, p95 = model.predict(kernels, io_bytes(kernels, ctx.example_input))
+        candidate.metrics.update(
+            latency_p95_ms=p95,
+            latency_method=f"predicted (estimate): kernel model of device profile {ctx.device.name} "
+                           f"({ctx.device.profile_id}), {ctx.device.threads} thread(s), {len(kernels)} kernels",
+            runtime_bits=layer_bits(candidate.model),
+        )
+        return p50

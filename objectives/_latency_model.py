@@ -4,15 +4,17 @@ Each kernel type (``conv_kxk@8``, ``gemm@32``, ...) gets a ridge regression of l
 the kernel's features (it extrapolates sanely from few points), plus, where there are enough
 measurements, gradient-boosted trees on its residuals (scikit-learn fits them; they are stored
 as plain arrays and evaluated with numpy, so a profile is JSON and prediction needs no sklearn).
-A candidate's p50 is the per-inference overhead plus the sum of its kernels' p50s; its p95 adds
-each kernel type's measured p95/p50 ratio.
+A kernel's time is its micro-model's latency less the per-inference overhead (fixed cost plus
+input/output binding, fitted on Identity models of several sizes), so that overhead is not
+counted once per kernel. A candidate's p50 is the overhead for its own input/output plus the
+sum of its kernels' predicted times; its p95 scales each part by the measured p95/p50 ratio.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -124,7 +126,10 @@ class LatencyModel:
 
     Example:
         >>> ks = [Kernel("gemm", 32, cin=c, cout=c) for c in (8, 16, 32, 64, 128, 256)]
-        >>> m = LatencyModel(device="toy").fit(ks, [1e-5 * k.macs for k in ks], [1.2e-5 * k.macs for k in ks], 0.01)
+        >>> io = [Kernel("io", cin=n) for n in (1, 1000)]
+        >>> ms = [{"p50_ms": 0.01 + 1e-6 * k.cin * 8, "p95_ms": 0.012, "io_bytes": k.cin * 8} for k in io]
+        >>> ms += [{"p50_ms": 0.01 + 1e-5 * k.macs, "p95_ms": 0.012 + 1.2e-5 * k.macs, "io_bytes": 0} for k in ks]
+        >>> m = LatencyModel(device="toy").fit(io + ks, ms)
         >>> round(m.predict([Kernel("gemm", 32, cin=64, cout=64)])[0], 3)
         0.051
     """
@@ -139,22 +144,40 @@ class LatencyModel:
         self.learning_rate = learning_rate
         self.seed = seed
 
-    def fit(self, kernels: Sequence[Kernel], p50_ms: Sequence[float], p95_ms: Sequence[float],
-            overhead_ms: float, overhead_p95_ms: float | None = None) -> LatencyModel:
-        """Fit one model per kernel type on ``log(p50)``; returns ``self``."""
+    def fit(self, kernels: Sequence[Kernel], measurements: Sequence[Mapping[str, float]]) -> LatencyModel:
+        """Fit from micro-model measurements; returns ``self``.
+
+        Each measurement has end-to-end ``p50_ms``/``p95_ms`` and ``io_bytes`` (graph inputs
+        plus outputs). Kernels of op ``io`` are Identity models of several sizes: they fit the
+        per-inference overhead as a function of ``io_bytes`` (session dispatch, binding inputs,
+        copying outputs out; interpolated on a log scale) that every single-kernel model pays once, and a whole network pays once
+        too. The other kernels' regressors learn ``log(p50 - overhead)``.
+        """
+        io = [m for k, m in zip(kernels, measurements) if k.op == "io"]
+        if len(io) < 2:
+            raise ValueError("fit needs at least two 'io' (Identity) measurements to fit the overhead")
+        # binding cost is not linear in size (cache effects): keep the measured curve, sorted
+        pairs = sorted((float(m["io_bytes"]), float(m["p50_ms"])) for m in io)
+        self.overhead_ = [list(p) for p in pairs]
+        self.overhead_p95_ratio_ = float(np.median([m["p95_ms"] / m["p50_ms"] for m in io]))
         by_type: dict[str, list[int]] = {}
         for i, k in enumerate(kernels):
-            by_type.setdefault(kernel_type(k), []).append(i)
+            if k.op != "io":
+                by_type.setdefault(kernel_type(k), []).append(i)
         self.types_: dict[str, _TypeModel] = {}
         for t, idx in sorted(by_type.items()):
             x = np.array([kernels[i].features() for i in idx])
-            y50 = np.maximum(np.array([p50_ms[i] for i in idx]), MIN_KERNEL_MS)
-            y95 = np.maximum(np.array([p95_ms[i] for i in idx]), MIN_KERNEL_MS)
-            self.types_[t] = self._fit_type(x, np.log(y50), float(np.median(y95 / y50)))
-        self.overhead_ms_ = float(overhead_ms)
-        self.overhead_p95_ms_ = float(overhead_p95_ms if overhead_p95_ms is not None else overhead_ms)
+            y = np.array([max(measurements[i]["p50_ms"] - self._io_cost(measurements[i]["io_bytes"]), MIN_KERNEL_MS)
+                          for i in idx])
+            ratio = float(np.median([measurements[i]["p95_ms"] / measurements[i]["p50_ms"] for i in idx]))
+            self.types_[t] = self._fit_type(x, np.log(y), ratio)
         self._cache: dict[Kernel, tuple[float, float]] = {}
         return self
+
+    def _io_cost(self, io_bytes: float) -> float:
+        x = np.log2([p[0] + 1 for p in self.overhead_])
+        y = [p[1] for p in self.overhead_]
+        return float(np.interp(math.log2(io_bytes + 1), x, y))
 
     def _fit_type(self, x: np.ndarray, y: np.ndarray, ratio: float) -> _TypeModel:
         mean, scale = x.mean(axis=0), x.std(axis=0)
@@ -209,17 +232,21 @@ class LatencyModel:
                 self._cache[kernels[i]] = pair
         return out  # type: ignore[return-value]
 
-    def predict(self, kernels: Sequence[Kernel]) -> tuple[float, float]:
-        """Predicted (p50, p95) latency in ms of one inference running ``kernels``."""
+    def predict(self, kernels: Sequence[Kernel], io_bytes: float = 0.0) -> tuple[float, float]:
+        """Predicted (p50, p95) latency in ms of one inference running ``kernels``.
+
+        ``io_bytes`` is the size of the model's input plus output tensors.
+        """
         per = self.predict_kernels(kernels)
-        return (self.overhead_ms_ + sum(p for p, _ in per), self.overhead_p95_ms_ + sum(q for _, q in per))
+        over = self._io_cost(io_bytes)
+        return (over + sum(p for p, _ in per), over * self.overhead_p95_ratio_ + sum(q for _, q in per))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form of the fitted model."""
         self._check()
         return {
             "features": list(KERNEL_FEATURES),
-            "overhead_ms": self.overhead_ms_, "overhead_p95_ms": self.overhead_p95_ms_,
+            "overhead_ms": self.overhead_, "overhead_p95_ratio": self.overhead_p95_ratio_,
             "types": {t: {"coef": m.coef.tolist(), "mean": m.mean.tolist(), "scale": m.scale.tolist(),
                           "intercept": m.intercept, "p95_ratio": m.p95_ratio, "n": m.n,
                           "trees": m.trees.to_dict() if m.trees is not None else None}
@@ -238,7 +265,9 @@ class LatencyModel:
                           float(v["p95_ratio"]), int(v["n"]))
             for t, v in d["types"].items()
         }
-        m.overhead_ms_ = float(d["overhead_ms"])
-        m.overhead_p95_ms_ = float(d["overhead_p95_ms"])
+        m.overhead_ = [[float(a), float(b)] for a, b in d["overhead_ms"]]
+        if len(m.overhead_) < 2:
+            raise ValueError("model.overhead_ms must hold at least two [io_bytes, ms] pairs")
+        m.overhead_p95_ratio_ = float(d["overhead_p95_ratio"])
         m._cache = {}
         return m

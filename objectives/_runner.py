@@ -104,13 +104,23 @@ def time_session(session: Any, feed: dict[str, np.ndarray], protocol: dict[str, 
     return out
 
 
+def measure_file(path: str, threads: int, seed: int, protocol: dict[str, float] | None = None,
+                 energy_reader: Any = None) -> dict[str, Any]:
+    """End-to-end timing of one ONNX file with random inputs, and its input+output bytes."""
+    session = make_session(path, threads)
+    feed = random_feed(session, seed)
+    out = time_session(session, feed, protocol, energy_reader)
+    out["io_bytes"] = int(sum(v.nbytes for v in feed.values()) + sum(
+        int(np.prod([d if isinstance(d, int) else 1 for d in o.shape])) * 4 for o in session.get_outputs()))
+    return out
+
+
 def run_models(paths: list[str], threads: int, protocol: dict[str, float] | None = None,
                energy_reader: Any = None, progress: Any = None) -> list[dict[str, Any]]:
     """Measure each ONNX file in turn; ``progress(done, total)`` is called after each."""
     results = []
     for i, path in enumerate(paths):
-        session = make_session(path, threads)
-        results.append(time_session(session, random_feed(session, i), protocol, energy_reader))
+        results.append(measure_file(path, threads, i, protocol, energy_reader))
         if progress:
             progress(i + 1, len(paths))
     return results

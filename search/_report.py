@@ -45,6 +45,7 @@ class ReportData:
     failed: tuple[tuple[int, str], ...]
     latency_method: str
     energy_method: str
+    device: str
 
 
 def build_report_data(study: optuna.Study, names: list[str], front: list[dict[str, Any]],
@@ -85,6 +86,7 @@ def build_report_data(study: optuna.Study, names: list[str], front: list[dict[st
         failed=tuple(failed),
         latency_method=str(first.get("latency_method", "")),
         energy_method=str(first.get("energy_method", "")),
+        device=str(study.user_attrs.get("device", "")),
     )
 
 
@@ -170,7 +172,7 @@ def write_report(data: ReportData, path: Path) -> Path:
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}} .note{{color:#555}}</style></head><body>
 <h1>{html.escape(data.title)}</h1>
-<p class="note">Latency: {html.escape(data.latency_method)}.<br>Energy: {html.escape(data.energy_method)}.
+<p class="note">Device: {html.escape(data.device)}.<br>Latency: {html.escape(data.latency_method)}.<br>Energy: {html.escape(data.energy_method)}.
 Energy values are <b>estimates</b>, not measurements.</p>
 <p>{len(data.points)} completed trials, {len(data.front)} on the Pareto front, {len(data.failed)} failed.
 Budgets: {html.escape(str(data.budgets) if data.budgets else "none")}.</p>

@@ -17,7 +17,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from edgeslim.objectives import OBJECTIVES, Candidate, DeviceProfile, EvalContext, FinetuneConfig, Objective
+from edgeslim.objectives import (DEVICES_DIR, OBJECTIVES, Candidate, EvalContext, FinetuneConfig, Objective,
+                                 load_device)
 from edgeslim.search._front import front_entries, write_front
 from edgeslim.search._progress import Progress
 from edgeslim.search._spec import StudySpec, spec_fingerprint
@@ -83,14 +84,6 @@ def _ordered(names: list[str]) -> list[Objective]:
     """Objectives in evaluation order (dependencies first), keeping the spec's order otherwise."""
     objs = [OBJECTIVES[n]() for n in names]
     return sorted(objs, key=lambda o: len(o.requires))
-
-
-def device_profile(name: str, threads: int) -> DeviceProfile:
-    """The device profile a spec names. This version measures on ``local`` only."""
-    if name != "local":
-        raise SpecError(f"unknown device {name!r}; known devices: ['local']; use --device local "
-                        "to measure latency on this machine")
-    return DeviceProfile.local(threads=threads)
 
 
 def _open_study(spec: StudySpec, objectives: list[str], workload: Workload) -> optuna.Study:
@@ -165,8 +158,8 @@ def _evaluate(trial: optuna.Trial, space: CompressionSpace, workload: Workload,
     return [candidate.metrics[n] for n in names]
 
 
-def run_search(spec: StudySpec, stream: TextIO | None = None,
-               log: Callable[[str], None] | None = None) -> SearchResult:
+def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str], None] | None = None,
+               devices_dir: Path = DEVICES_DIR) -> SearchResult:
     """Run (or resume) the study a spec describes, then write pareto.json/csv and report.html.
 
     Each call adds ``spec.trials`` trials; the first run also enqueues the dense baseline
@@ -178,17 +171,19 @@ def run_search(spec: StudySpec, stream: TextIO | None = None,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out_dir = spec.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    profile = device_profile(spec.device.name, spec.device.threads)
+    profile = load_device(spec.device.name, spec.device.threads if spec.device.name == "local" else None,
+                          devices_dir)
     workload = load_workload(spec, out_dir, say)
     space = CompressionSpace.build(workload.model, workload.example_input, spec.space.rule_set())
     objectives = _ordered(spec.objectives)
     study = _open_study(spec, list(spec.objectives), workload)
+    study.set_user_attr("device", profile.describe())
     _enqueue_presets(study, space)
     budgets = spec.budgets.active()
     names = list(spec.objectives)
     say(f"study {spec.name!r}: {workload.description}, base accuracy {workload.base_accuracy:.4f}; "
         f"{len(space.distributions())} knobs over {len(space.layers)} layers / {len(space.groups)} "
-        f"pruning groups; storage {spec.storage_url}")
+        f"pruning groups; storage {spec.storage_url}\n{profile.describe()}")
     ctx = EvalContext(
         data=workload.data, example_input=workload.example_input,
         finetune=FinetuneConfig(steps=spec.finetune.steps, lr=spec.finetune.lr,

@@ -53,10 +53,12 @@ def _front_table(front: list[dict[str, Any]], names: list[str]) -> str:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Run or resume a study; print the front and the report path."""
+    from pathlib import Path
+
     from edgeslim.search._study import run_search
 
     spec = _spec_from_args(args)
-    result = run_search(spec)
+    result = run_search(spec, devices_dir=Path(args.devices_dir))
     if args.format == "json":
         print(json.dumps(result.front, indent=2, default=float))
         return 0
@@ -99,6 +101,138 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate a device's latency model: here (--device), as a kit for a remote device (--kit),
+    or from a kit's measurements (--fit)."""
+    import datetime as dt
+    import os
+    from pathlib import Path
+
+    from edgeslim.objectives import _calibrate, _runner
+    from edgeslim.objectives._device import DeviceProfile, EnergyConstants, ProfileError, profile_id
+    from edgeslim.search._progress import Progress
+
+    cores = os.cpu_count() or 1
+    threads = args.threads or 1
+    if threads > cores:
+        raise ProfileError(f"--threads {threads} exceeds this machine's {cores} cores; use at most {cores}")
+    mode = "full" if args.full else "quick"
+    devices = Path(args.devices_dir)
+    if args.kit:
+        kit = _calibrate.write_kit(Path(args.kit), threads, mode, args.seed or 0)
+        n = len(list((kit / "models").glob("*.onnx")))
+        print(f"wrote kit {kit} ({n} micro-models, {mode} design, {threads} thread(s)). On the device:\n"
+              f"  1. copy {kit} there; it needs Python 3, numpy and onnxruntime only\n"
+              f"  2. python {kit / 'run_kit.py'} {kit} --out measurements.json\n"
+              f"  3. back here: edgeslim calibrate --fit measurements.json --device NAME")
+        return 0
+    if not args.device:
+        raise ProfileError("calibrate needs --device NAME (or --kit DIR to calibrate a remote device)")
+    if args.device == "local":
+        raise ProfileError("'local' is reserved for measuring on this machine; pick another --device name")
+    target = devices / f"{args.device}.json"
+    if target.exists() and not args.replace:
+        raise ProfileError(f"device profile {str(target)!r} already exists; pick another --device name "
+                           "or pass --replace (the old profile is kept as a .bak file)")
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    energy = EnergyConstants()
+    if args.fit:
+        path = Path(args.fit)
+        if not path.is_file():
+            raise ProfileError(f"measurements file {args.fit!r} does not exist; run run_kit.py on the device first")
+        import json
+
+        data = json.loads(path.read_text())
+        if data.get("kit_version") != _runner.KIT_VERSION:
+            raise ProfileError(f"{args.fit!r} comes from kit version {data.get('kit_version')!r}, this edgeslim "
+                               f"reads version {_runner.KIT_VERSION}; write a new kit with `edgeslim calibrate --kit`")
+        result = _calibrate.fit_measurements(data, args.device)
+        facts, protocol = data["facts"], data["protocol"]
+        threads = int(facts.get("threads", threads))
+    else:
+        reader, meter = None, "none"
+        if args.power_cmd:
+            from edgeslim.objectives._power import PowerCommandReader
+
+            reader, meter = PowerCommandReader(args.power_cmd), f"power command `{args.power_cmd}`"
+        else:
+            from edgeslim.objectives._power import find_rapl
+
+            reader = find_rapl()
+            meter = f"RAPL {reader.zone}" if reader else "none"
+        print(f"calibrating {args.device!r}: {mode} mode, {threads} thread(s), power meter: {meter}", file=sys.stderr)
+        bar = Progress(1, "micro-models")
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            if done == total or done % 10 == 0:
+                bar.update(done)
+
+        result = _calibrate.calibrate(args.device, threads, mode, args.seed or 0, progress, reader)
+        facts, protocol = _runner.device_facts(threads), dict(_runner.PROTOCOL)
+        if reader is not None:
+            fitted = _calibrate.fit_energy(result.kernels, result.measurements,
+                                           f"fitted to {meter} readings during calibration on {created}")
+            energy = fitted or energy
+            if hasattr(reader, "close"):
+                reader.close()
+    extra = {
+        "created": created, "mode": mode if not args.fit else data.get("mode", "kit"), "protocol": protocol,
+        "rounds": result.rounds,
+        "measurements": [{"kernel": dataclasses.asdict(k), "type": _calibrate.kernel_type(k), **m}
+                         for k, m in zip(result.kernels, result.measurements)],
+    }
+    profile = DeviceProfile(name=args.device, threads=threads, energy=energy, latency_model=result.model,
+                            facts=facts, profile_id=profile_id(facts, created), extra=extra)
+    path = profile.save(target, replace=args.replace)
+    print(f"wrote {path}: {len(result.kernels)} micro-models over {len(result.model.types_)} kernel types, "
+          f"per-inference overhead {result.model.overhead_[0][1] * 1e3:.1f} us; energy "
+          f"{'fitted to the power meter' if energy.measured else 'uses documented default constants (estimate)'}")
+    for r in result.rounds:
+        print(f"  adaptive round {r['round']}: held-out MAPE {r['heldout_mape']:.1%}, "
+              f"within 10% {r['heldout_within_10pct']:.0%} over {r['points']} new kernels")
+    print(f"check it: edgeslim check-latency --device {args.device}")
+    return 0
+
+
+def cmd_check_latency(args: argparse.Namespace) -> int:
+    """Compare a profile's predictions with latency measured here on random candidates."""
+    from pathlib import Path
+
+    from edgeslim.objectives import load_device
+    from edgeslim.search._check import VALIDATION_WORKLOADS, check_latency, summarize
+    from edgeslim.search._progress import Progress
+    from edgeslim.spaces import SpecError
+
+    profile = load_device(args.device, None, Path(args.devices_dir))
+    if not profile.predicts_latency:
+        raise SpecError("check-latency needs a calibrated profile; --device local measures, it does not predict")
+    workloads = args.workloads.split(",") if args.workloads else list(VALIDATION_WORKLOADS)
+    unknown = [w for w in workloads if w not in VALIDATION_WORKLOADS]
+    if unknown:
+        raise SpecError(f"unknown workloads {unknown}; choose from {list(VALIDATION_WORKLOADS)}")
+    bar = Progress(args.samples * len(workloads), "candidates")
+    rows = check_latency(profile, args.samples, args.seed or 0, workloads, lambda d, t: bar.update(d))
+    summary = summarize(rows)
+    if args.format == "json":
+        print(json.dumps({"device": profile.name, "profile_id": profile.profile_id,
+                          "rows": [dataclasses.asdict(r) for r in rows], "summary": summary.to_dict()}, indent=2))
+        return 0
+    print(f"device {profile.name} ({profile.profile_id}), {profile.threads} thread(s); measured here with the "
+          "same protocol")
+    print(f"{'workload':<18} {'n':>3} {'within ±10%':>12} {'MAPE':>7}")
+    for w in workloads:
+        s = summarize([r for r in rows if r.workload == w])
+        print(f"{w:<18} {s.n:>3} {s.within_10pct:>12.0%} {s.mape:>7.1%}")
+    print(f"{'all':<18} {summary.n:>3} {summary.within_10pct:>12.0%} {summary.mape:>7.1%}   "
+          f"Spearman {summary.spearman:.3f}")
+    print("worst cases:")
+    for r in summary.worst:
+        print(f"  {r.workload:<18} predicted {r.predicted_ms:8.4f} ms  measured {r.measured_ms:8.4f} ms  "
+              f"({r.error:+.1%})  {r.plan}")
+    return 0
+
+
 def _add_spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="study spec (TOML); default: the built-in digits demo")
     p.add_argument("--workload", choices=["digits-cnn", "digits-resnet"],
@@ -109,6 +243,7 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="target device; 'local' measures on this machine")
     p.add_argument("--threads", type=int, help="intra-op threads for latency measurement")
     p.add_argument("--seed", type=int)
+    p.add_argument("--devices-dir", default="studies/devices", help="where calibrated profiles live")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
 
@@ -120,6 +255,28 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (fn, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=fn.__doc__)
+        p.set_defaults(func=fn)
+        if name == "calibrate":
+            p.add_argument("--device", help="profile name to write (studies/devices/NAME.json)")
+            p.add_argument("--threads", type=int, help="intra-op threads (part of the device identity; default 1)")
+            mode = p.add_mutually_exclusive_group()
+            mode.add_argument("--quick", action="store_true", help="<= 3 min on 2 cores (default)")
+            mode.add_argument("--full", action="store_true", help="<= 20 min; more points, 3 adaptive rounds")
+            p.add_argument("--kit", help="write a calibration kit for a remote device into this folder")
+            p.add_argument("--fit", help="build the profile from a kit's measurements.json")
+            p.add_argument("--power-cmd", help="command printing watts, one reading per line (USB meter, INA219)")
+            p.add_argument("--replace", action="store_true", help="replace an existing profile (kept as .bak)")
+            p.add_argument("--devices-dir", default="studies/devices")
+            p.add_argument("--seed", type=int)
+            continue
+        if name == "check-latency":
+            p.add_argument("--device", required=True, help="calibrated profile to check")
+            p.add_argument("--samples", type=int, default=6, help="random plans per workload (default 6)")
+            p.add_argument("--workloads", help="comma-separated subset of the validation workloads")
+            p.add_argument("--devices-dir", default="studies/devices")
+            p.add_argument("--seed", type=int)
+            p.add_argument("--format", choices=["table", "json"], default="table")
+            continue
         _add_spec_options(p)
         if name == "search":
             p.add_argument("--trials", type=int, help="trials to add in this run")
@@ -128,13 +285,14 @@ def _build_parser() -> argparse.ArgumentParser:
                                  ("--max-energy-mj", "energy budget (mJ, estimated)"),
                                  ("--min-accuracy", "accuracy floor (0..1)")):
                 p.add_argument(flag, type=float, help=help_b)
-        p.set_defaults(func=fn)
     return parser
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "search": (cmd_search, "run or resume a compression search (default: built-in digits demo)"),
     "inventory": (cmd_inventory, "list layers, pruning groups and knobs of a study's model"),
+    "calibrate": (cmd_calibrate, "calibrate a device's latency model (here, as a kit, or from a kit's results)"),
+    "check-latency": (cmd_check_latency, "compare a device profile's predictions with measured latency"),
 }
 
 
@@ -155,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("edgeslim: error: choose a command, e.g. `edgeslim search`", file=sys.stderr)
         return 2
-    for key in ("trials", "threads"):
+    for key in ("trials", "threads", "samples"):
         value = getattr(args, key, None)
         if value is not None and value < 1:
             parser.print_usage(sys.stderr)

@@ -1,0 +1,118 @@
+"""check-latency: how well a device profile predicts measured latency of real candidates."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeslim.objectives import DeviceProfile, build_artifact, extract_kernels, measure_latency
+from edgeslim.objectives._kernels import io_bytes
+from edgeslim.search._workloads import DigitsCNN, DigitsResNet
+from edgeslim.spaces import CompressionSpace, layer_bits
+
+__all__ = ["CheckRow", "CheckSummary", "VALIDATION_WORKLOADS", "check_latency", "summarize"]
+
+
+def _tv(name: str) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, num_classes=1000)
+    return make
+
+
+# name -> (factory, input shape); random weights suffice for latency
+VALIDATION_WORKLOADS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "digits-cnn": (DigitsCNN, (1, 1, 8, 8)),
+    "digits-resnet": (DigitsResNet, (1, 1, 32, 32)),
+    "resnet18@224": (_tv("resnet18"), (1, 3, 224, 224)),
+    "mobilenet_v2@224": (_tv("mobilenet_v2"), (1, 3, 224, 224)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckRow:
+    """One sampled candidate: predicted and measured p50 in ms."""
+
+    workload: str
+    plan: str
+    predicted_ms: float
+    measured_ms: float
+
+    @property
+    def error(self) -> float:
+        """Signed relative error of the prediction."""
+        return self.predicted_ms / self.measured_ms - 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSummary:
+    """Share within ±10 %, MAPE, Spearman rank correlation, worst cases.
+
+    Example:
+        >>> s = summarize([CheckRow("w", "p", 1.0, 1.0), CheckRow("w", "q", 2.2, 2.0)])
+        >>> s.within_10pct, round(s.mape, 3)
+        (1.0, 0.05)
+    """
+
+    n: int
+    within_10pct: float
+    mape: float
+    spearman: float
+    worst: tuple[CheckRow, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"n": self.n, "within_10pct": self.within_10pct, "mape": self.mape, "spearman": self.spearman,
+                "worst": [dict(dataclasses.asdict(r), error=r.error) for r in self.worst]}
+
+
+def summarize(rows: Sequence[CheckRow], worst: int = 5) -> CheckSummary:
+    """Aggregate rows into the figures check-latency prints."""
+    from scipy.stats import spearmanr
+
+    errs = np.array([abs(r.error) for r in rows])
+    rho = float(spearmanr([r.predicted_ms for r in rows], [r.measured_ms for r in rows]).statistic) \
+        if len(rows) > 2 else float("nan")
+    order = sorted(rows, key=lambda r: -abs(r.error))[:worst]
+    return CheckSummary(len(rows), float((errs <= 0.10).mean()), float(errs.mean()), rho, tuple(order))
+
+
+def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int = 0,
+                  workloads: Sequence[str] = tuple(VALIDATION_WORKLOADS),
+                  progress: Callable[[int, int], None] | None = None) -> list[CheckRow]:
+    """Sample random plans, predict with ``profile`` and measure the exported artifacts here."""
+    assert profile.latency_model is not None
+    rng = np.random.default_rng(seed)
+    rows: list[CheckRow] = []
+    total = samples_per_workload * len(workloads)
+    with tempfile.TemporaryDirectory(prefix="edgeslim-check-") as tmp:
+        for w in workloads:
+            factory, shape = VALIDATION_WORKLOADS[w]
+            torch.manual_seed(seed)
+            base = factory().eval()
+            x = torch.randn(shape)
+            space = CompressionSpace.build(base, x)
+            dists = space.distributions()
+            for i in range(samples_per_workload):
+                params = {k: d.choices[int(rng.integers(len(d.choices)))] for k, d in dists.items()}
+                plan = space.plan_from_params(params) if i else space.dense_plan()
+                model = space.realize(base, plan)
+                with torch.no_grad():
+                    model(x)  # settle activation observers of quantized layers
+                kernels = extract_kernels(model, x)
+                predicted, _ = profile.latency_model.predict(kernels, io_bytes(kernels, x))
+                calib = [np.random.default_rng(j).standard_normal(shape).astype(np.float32) for j in range(4)]
+                path, _ = build_artifact(model, x, layer_bits(model), calib, Path(tmp), stem=f"{w}-{i}")
+                measured = measure_latency(path, shape, threads=profile.threads, budget_s=0.5, min_runs=20).p50_ms
+                rows.append(CheckRow(w, plan.summary(), predicted, measured))
+                if progress:
+                    progress(len(rows), total)
+    return rows

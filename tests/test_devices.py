@@ -1,0 +1,234 @@
+"""Device profiles: kernels, micro-models, latency model, profile schema, RAPL, kits, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.objectives import (
+    DeviceProfile, Kernel, LatencyModel, ProfileError, extract_kernels, kernel_type, known_devices, load_device,
+)
+from edgeslim.objectives import _calibrate, _runner
+from edgeslim.objectives._latency_model import TreeEnsemble
+from edgeslim.objectives._power import RaplReader, find_rapl
+from edgeslim.search import DigitsResNet
+from edgeslim.search.cli import main
+from edgeslim.spaces import CompressionSpace, ObjectiveError, Plan, LayerPlan
+
+
+def test_kernels_after_fusion_residual_and_quantized():
+    model = DigitsResNet().eval()
+    kernels = extract_kernels(model, torch.randn(1, 1, 32, 32))
+    types = [kernel_type(k) for k in kernels]
+    # 13 3x3 convs (BN and ReLU fused), 2 downsample 1x1, 6 residual adds, global pool, fc
+    assert types.count("conv_kxk@32") == 13 and types.count("conv_pw@32") == 2
+    assert types.count("add@32") == 6 and types.count("gpool@32") == 1 and types.count("gemm@32") == 1
+    stem = kernels[0]
+    assert (stem.cin, stem.cout, stem.k, stem.h, stem.ho) == (1, 16, 3, 32, 32)
+    space = CompressionSpace.build(model, torch.randn(1, 1, 32, 32))
+    plan = Plan.from_dicts({"stem.0": 0.5}, {"layer1.0.conv1": LayerPlan(0.5, 8)})
+    pruned = extract_kernels(space.realize(model, plan), torch.randn(1, 1, 32, 32))
+    assert pruned[0].cout == 8
+    assert [kernel_type(k) for k in pruned if k.layer.startswith("layer1.0.conv1")] == ["conv_kxk@8", "conv_pw@8"]
+
+
+def test_unknown_op_names_the_layer():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(x)
+
+    with pytest.raises(ObjectiveError, match="no latency kernel for layer 'norm' \\(LayerNorm\\)"):
+        extract_kernels(Odd(), torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("ktype", _calibrate.KERNEL_TYPES)
+def test_micro_models_are_valid_and_run(ktype, tmp_path):
+    k = _calibrate.random_kernel(ktype, np.random.default_rng(0))
+    assert kernel_type(k) == ktype and k.macs <= _calibrate.MAX_MACS
+    model = _calibrate.micro_model(k)
+    onnx.checker.check_model(model)
+    path = tmp_path / "k.onnx"
+    onnx.save(model, str(path))
+    out = _runner.measure_file(str(path), 1, 0, {"warmup": 1, "min_runs": 3, "max_runs": 3, "budget_s": 0.0})
+    assert out["runs"] == 3 and 0 < out["p50_ms"] <= out["p95_ms"] and out["io_bytes"] > 0
+
+
+def _synthetic_model(noise: float = 0.0) -> tuple[LatencyModel, list[Kernel]]:
+    rng = np.random.default_rng(0)
+    kernels = _calibrate.io_kernels()
+    meas = [{"p50_ms": 0.02 + 1e-7 * k.cin * 8, "p95_ms": 0.025, "io_bytes": k.cin * 8} for k in kernels]
+    for t in ("conv_kxk@32", "gemm@32"):
+        for _ in range(50):
+            k = _calibrate.random_kernel(t, rng)
+            lat = 2e-6 * k.macs ** 0.95 * (1 + noise * rng.standard_normal())
+            kernels.append(k)
+            meas.append({"p50_ms": 0.02 + lat, "p95_ms": 0.03 + 1.2 * lat, "io_bytes": 0})
+    return LatencyModel(device="synthetic").fit(kernels, meas), kernels
+
+
+def test_latency_model_learns_a_power_law_and_round_trips():
+    model, _ = _synthetic_model()
+    rng = np.random.default_rng(9)
+    for _ in range(20):
+        k = _calibrate.random_kernel("conv_kxk@32", rng)
+        truth = 2e-6 * k.macs ** 0.95
+        assert model.predict_kernels([k])[0][0] == pytest.approx(truth, rel=0.15)
+    again = LatencyModel.from_dict(json.loads(json.dumps(model.to_dict())), device="synthetic")
+    ks = [_calibrate.random_kernel("gemm@32", rng) for _ in range(5)]
+    assert again.predict(ks, 4096) == pytest.approx(model.predict(ks, 4096))
+    p50, p95 = model.predict(ks, 4096)
+    assert p95 > p50 > 0
+
+
+def test_uncovered_kernel_type_is_an_error_naming_layer_and_device():
+    model, _ = _synthetic_model()
+    with pytest.raises(ObjectiveError, match="layer 'features.3'.*conv_dw@8.*'synthetic'"):
+        model.predict([Kernel("conv", 8, 16, 16, 3, 1, 16, 8, 8, 8, 8, layer="features.3")])
+
+
+def test_unfitted_model_refuses():
+    with pytest.raises(ObjectiveError, match="not fitted"):
+        LatencyModel().predict([Kernel("gemm")])
+
+
+def test_tree_ensemble_matches_sklearn():
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((80, 4))
+    y = x[:, 0] ** 2 + np.sin(x[:, 1])
+    gbr = GradientBoostingRegressor(n_estimators=30, max_depth=3, random_state=0).fit(x, y)
+    trees = TreeEnsemble.from_sklearn(gbr)
+    init = float(np.ravel(gbr.init_.constant_)[0])
+    assert np.allclose(trees.predict(x) + init, gbr.predict(x))
+
+
+def _profile(tmp_path, name="toy"):
+    model, _ = _synthetic_model()
+    p = DeviceProfile(name=name, threads=1, latency_model=model, facts={"onnxruntime": "0.0-test"}, profile_id="abc")
+    return p.save(tmp_path / f"{name}.json")
+
+
+def test_profile_save_load_and_never_overwrite(tmp_path):
+    path = _profile(tmp_path)
+    with pytest.warns(UserWarning, match="calibrated with onnxruntime 0.0-test"):
+        loaded = load_device("toy", devices_dir=tmp_path)
+    assert loaded.predicts_latency and loaded.profile_id == "abc"
+    with pytest.raises(ProfileError, match="already exists"):
+        loaded.save(path)
+    loaded.save(path, replace=True)
+    assert len(list(tmp_path.glob("toy.*.bak.json"))) == 1
+    assert known_devices(tmp_path) == ["local", "toy"]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.pop("threads"), "field threads is missing"),
+    (lambda d: d.update(threads="one"), "field threads must be int"),
+    (lambda d: d["model"]["types"]["gemm@32"].pop("coef"), "field model.types.gemm@32.coef is missing"),
+    (lambda d: d["model"]["types"]["gemm@32"].update(coef=[1.0]), "model.types.gemm@32.coef has 1 values"),
+    (lambda d: d.update(version=7), "field version is 7"),
+    (lambda d: d["energy"].pop("static_w"), "field energy.static_w is missing"),
+])
+def test_hand_edited_profile_names_the_field(tmp_path, edit, match):
+    path = _profile(tmp_path)
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=match):
+        load_device("toy", devices_dir=tmp_path)
+
+
+def test_corrupted_profile_and_unknown_device(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="not valid JSON"):
+        load_device("broken", devices_dir=tmp_path)
+    with pytest.raises(ProfileError, match=r"unknown device 'pi5'; known devices: \['local', 'broken'\]"):
+        load_device("pi5", devices_dir=tmp_path)
+
+
+def test_threads_beyond_cores_is_refused(capsys, tmp_path):
+    too_many = (os.cpu_count() or 1) + 1
+    with pytest.raises(ProfileError, match="exceeds this machine"):
+        load_device("local", threads=too_many)
+    assert main(["calibrate", "--device", "x", "--threads", str(too_many), "--devices-dir", str(tmp_path)]) == 2
+    assert "exceeds this machine" in capsys.readouterr().err
+
+
+def test_rapl_reader_handles_wraparound(tmp_path):
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "max_energy_range_uj").write_text("1000000\n")
+    (zone / "energy_uj").write_text("999000\n")
+    (tmp_path / "intel-rapl:0:0").mkdir()  # a sub-zone must not be picked
+    reader = find_rapl(tmp_path)
+    assert isinstance(reader, RaplReader) and reader.zone == zone
+    assert reader() == 0.0
+    (zone / "energy_uj").write_text("999500\n")
+    assert reader() == pytest.approx(0.0005)
+    (zone / "energy_uj").write_text("500\n")  # wrapped: 500 to the top, 1 to zero, 500 after
+    assert reader() == pytest.approx(0.0005 + 0.001001)
+    assert find_rapl(tmp_path / "none") is None
+
+
+def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(_calibrate, "MODES", {"quick": (3, 0, 0, 0), "full": (3, 0, 0, 0)})
+    kit = tmp_path / "kit"
+    assert main(["calibrate", "--kit", str(kit)]) == 0
+    manifest = json.loads((kit / "kit.json").read_text())
+    assert manifest["kit_version"] == _runner.KIT_VERSION and (kit / "run_kit.py").is_file()
+    assert len(manifest["entries"]) == len(_calibrate.IO_SIZES) + 3 * len(_calibrate.KERNEL_TYPES)
+    monkeypatch.setitem(_runner.PROTOCOL, "budget_s", 0.0)
+    monkeypatch.setitem(_runner.PROTOCOL, "min_runs", 3)
+    monkeypatch.setitem(_runner.PROTOCOL, "warmup", 1)
+    manifest["protocol"] = dict(_runner.PROTOCOL)
+    (kit / "kit.json").write_text(json.dumps(manifest))
+    out = tmp_path / "measurements.json"
+    assert _runner._kit_main([str(kit), "--out", str(out)]) == 0
+    devices = tmp_path / "devices"
+    assert main(["calibrate", "--fit", str(out), "--device", "remote", "--devices-dir", str(devices)]) == 0
+    profile = load_device("remote", devices_dir=devices)
+    assert profile.predicts_latency and len(profile.latency_model.types_) == len(_calibrate.KERNEL_TYPES)
+    data = json.loads(out.read_text())
+    data["kit_version"] = 99
+    out.write_text(json.dumps(data))
+    assert main(["calibrate", "--fit", str(out), "--device", "other", "--devices-dir", str(devices)]) == 2
+    assert "kit version 99" in capsys.readouterr().err
+
+
+def test_search_with_a_calibrated_profile_predicts_latency(tmp_path):
+    import io
+
+    from edgeslim.search import demo_spec, run_search
+    from edgeslim.search._spec import DeviceSpec, FinetuneSpec, ModelSpec
+
+    model, _ = _synthetic_model()
+    # cover every kernel type the digits CNN runs
+    ks, ms = [], []
+    rng = np.random.default_rng(1)
+    for t in ("conv_kxk@8", "conv_kxk@4", "gemm@8", "pool@32", "gpool@32", "conv_kxk@32", "gemm@32"):
+        for _ in range(6):
+            k = _calibrate.random_kernel(t, rng)
+            ks.append(k)
+            ms.append({"p50_ms": 0.02 + 1e-6 * k.macs, "p95_ms": 0.03 + 1e-6 * k.macs, "io_bytes": 0})
+    io_k = _calibrate.io_kernels()
+    io_m = [{"p50_ms": 0.02, "p95_ms": 0.025, "io_bytes": k.cin * 8} for k in io_k]
+    lm = LatencyModel(device="fake").fit(io_k + ks, io_m + ms)
+    DeviceProfile(name="fake", threads=1, latency_model=lm, facts={}, profile_id="f1").save(tmp_path / "fake.json")
+    spec = demo_spec().replace(trials=2, out_dir=str(tmp_path / "s"), device=DeviceSpec(name="fake"),
+                               model=ModelSpec(builtin="digits-cnn", train_epochs=1),
+                               finetune=FinetuneSpec(steps=2))
+    result = run_search(spec, stream=io.StringIO(), devices_dir=tmp_path)
+    trial = result.study.trials[0]
+    assert trial.user_attrs["latency_method"].startswith("predicted (estimate)")
+    assert "fake" in result.study.user_attrs["device"]
+    assert "predicted by profile fake" in result.report_path.read_text()
