@@ -28,7 +28,7 @@ OPSET = 21  # int4 DequantizeLinear is standard from opset 21
 IR_VERSION = 10
 
 # (initial points per type, adaptive rounds, validation points per round, neighbours per round)
-MODES: dict[str, tuple[int, int, int, int]] = {"quick": (20, 1, 10, 10), "full": (60, 3, 20, 20)}
+MODES: dict[str, tuple[int, int, int, int]] = {"quick": (30, 2, 10, 10), "full": (80, 4, 25, 25)}
 IO_SIZES = (1, 64, 1024, 8192, 32768, 131072, 524288, 1048576)  # Identity models for the overhead fit
 MAX_MACS = 250_000_000
 
@@ -37,7 +37,7 @@ KERNEL_TYPES: tuple[str, ...] = tuple(
     + ["add@32", "pool@32", "gpool@32", "act@32"])
 
 _CHANNELS = (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
-_SPATIAL = (1, 2, 4, 7, 8, 14, 16, 28, 32, 56, 112)
+_SPATIAL = (4, 7, 8, 8, 14, 16, 16, 28, 32, 32, 56, 112)
 
 
 def _tensor(name: str, arr: np.ndarray) -> onnx.TensorProto:
@@ -151,13 +151,15 @@ def random_kernel(ktype: str, rng: np.random.Generator) -> Kernel:
     bits = int(bits_s)
 
     def ch() -> int:
-        return max(2, int(rng.choice(_CHANNELS) * rng.uniform(0.2, 1.0)))
+        width = int(rng.choice(_CHANNELS))
+        # half the draws are the widths networks are built with, half are pruned widths
+        return width if rng.random() < 0.5 else max(2, int(width * rng.uniform(0.2, 1.0)))
 
     def small() -> int:
         return int(rng.integers(2, 49))
 
     for _ in range(100):
-        hw = int(rng.choice(_SPATIAL[2:]))
+        hw = int(rng.choice(_SPATIAL))
         if variant == "gemm":
             cin, cout = int(rng.choice(_CHANNELS + (768, 1024, 2048)) * rng.uniform(0.2, 1)), ch()
             if rng.random() < 0.3:

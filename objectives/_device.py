@@ -94,6 +94,22 @@ class DeviceProfile:
         return cls(name="local", threads=threads)
 
     @property
+    def int8_reduce_range(self) -> bool:
+        """Whether int8 weights must use 7-bit levels here: x86 without VNNI saturates otherwise.
+
+        ONNX Runtime's x86 int8 kernels multiply with ``vpmaddubsw`` unless the CPU has VNNI;
+        its 16-bit intermediate sums overflow with full-range weights, so outputs go wrong.
+        """
+        facts = self.facts
+        if not facts:
+            from edgeslim.objectives._runner import device_facts
+
+            facts = device_facts(self.threads)
+        x86 = str(facts.get("machine", "")).lower() in ("x86_64", "amd64", "i686", "x86")
+        vnni = {"avx512_vnni", "avx_vnni", "amx_int8"} & set(facts.get("isa_flags", []))
+        return x86 and not vnni
+
+    @property
     def predicts_latency(self) -> bool:
         """True for calibrated profiles (latency predicted by the model, not measured)."""
         return self.latency_model is not None

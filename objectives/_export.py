@@ -16,7 +16,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgeslim.spaces import ObjectiveError, dequantized_copy
+from edgeslim.spaces import ObjectiveError, dequantized_copy, weight_qmax
 
 __all__ = ["LatencyStats", "export_onnx", "measure_latency", "quantize_onnx", "build_artifact"]
 
@@ -68,14 +68,34 @@ def _weight_of_node(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto
     return name if name in initializers else None
 
 
+def activation_overrides(model: nn.Module) -> dict[str, tuple[float, int, float, int]]:
+    """Input and output (scale, zero point) of every observed int8 layer, by layer FQN.
+
+    Example:
+        >>> activation_overrides(nn.Linear(2, 2))
+        {}
+    """
+    from edgeslim.spaces import QuantizedLayer
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLayer) and m.quantize_input and bool(m.observed) and bool(m.out_observed):
+            out[name] = (*m.act_qparams(), *m.out_qparams())
+    return out
+
+
 def quantize_onnx(fp32_path: Path, out_path: Path, bits_by_layer: Mapping[str, int],
-                  calibration: Sequence[np.ndarray]) -> tuple[Path, dict[str, int]]:
+                  calibration: Sequence[np.ndarray],
+                  act_overrides: Mapping[str, tuple[float, int, float, int]] | None = None,
+                  reduce_range: bool = False) -> tuple[Path, dict[str, int]]:
     """Static QDQ quantization with ONNX Runtime of the layers whose bits are 8 or fewer.
 
     BatchNorm is folded first (``quant_pre_process``); without it int8 runs slower than fp32.
     Weights are per-channel symmetric int8 (int4 where the plan says 4), activations per-tensor
-    uint8 calibrated by MinMax on ``calibration``. Returns the path and the bits each layer
-    really got in the artifact (32 where no node of the graph could be matched to the layer).
+    uint8 calibrated by MinMax on ``calibration``, except where ``act_overrides`` gives the
+    scales the fake-quantized torch model used (then ONNX Runtime computes the same numbers).
+    Returns the path and the bits each layer really got in the artifact (32 where no node of
+    the graph could be matched to the layer).
     """
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quant_pre_process, quantize_static)
@@ -84,7 +104,8 @@ def quantize_onnx(fp32_path: Path, out_path: Path, bits_by_layer: Mapping[str, i
     with _quiet():
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
     graph = onnx.load(str(pre)).graph
-    inits = {i.name for i in graph.initializer}
+    arrays = {i.name: i for i in graph.initializer}
+    inits = set(arrays)
     producers = {o: n for n in graph.node for o in n.output}
     wanted = {f"{fqn}.weight": bits for fqn, bits in bits_by_layer.items() if bits <= 8}
     nodes, overrides, got = [], {}, {fqn: 32 for fqn in bits_by_layer}
@@ -94,9 +115,24 @@ def quantize_onnx(fp32_path: Path, out_path: Path, bits_by_layer: Mapping[str, i
         w = _weight_of_node(node, producers, inits)
         if w in wanted:
             nodes.append(node.name)
-            got[w[: -len(".weight")]] = wanted[w]
-            if wanted[w] == 4:
-                overrides[w] = [{"quant_type": QuantType.QInt4, "axis": 0, "symmetric": True}]
+            fqn = w[: -len(".weight")]
+            got[fqn] = wanted[w]
+            # explicit per-channel scales: the very grid the fake-quantized weights sit on
+            # (ONNX Runtime's own int4 rule, amax/7.5, would re-round them)
+            weights = onnx.numpy_helper.to_array(arrays[w])
+            axis = 1 if node.op_type == "MatMul" else 0
+            amax = np.abs(np.moveaxis(weights, axis, 0).reshape(weights.shape[axis], -1)).max(axis=1)
+            scales = np.maximum(amax / weight_qmax(wanted[w], reduce_range and wanted[w] == 8), 1e-12)
+            qtype = QuantType.QInt4 if wanted[w] == 4 else QuantType.QInt8
+            overrides[w] = [{"axis": axis, "quant_type": qtype, "scale": np.array(scales[0], dtype=np.float32),
+                             "zero_point": np.array(0, dtype=np.int8)}]
+            overrides[w] += [{"scale": np.array(v, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}
+                             for v in scales[1:]]
+            if act_overrides and fqn in act_overrides:
+                s_in, z_in, s_out, z_out = act_overrides[fqn]
+                overrides.setdefault(node.output[0], [{"scale": np.array(s_out, dtype=np.float32), "zero_point": np.array(z_out, dtype=np.int8)}])
+                # a tensor both produced and consumed by int8 layers takes the consumer's scale
+                overrides[node.input[0]] = [{"scale": np.array(s_in, dtype=np.float32), "zero_point": np.array(z_in, dtype=np.int8)}]
     if not nodes:
         pre.replace(out_path)
         return out_path, got
@@ -111,10 +147,13 @@ def quantize_onnx(fp32_path: Path, out_path: Path, bits_by_layer: Mapping[str, i
     with _quiet():
         quantize_static(
             str(pre), str(out_path), Reader(calibration), quant_format=QuantFormat.QDQ,
-            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            per_channel=True, reduce_range=reduce_range,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
-                           "TensorQuantOverrides": overrides},
+                           "TensorQuantOverrides": overrides,
+                           # int4 weights need opset 21 Q/DQ or the com.microsoft ones
+                           "UseQDQContribOps": any(b == 4 for b in got.values())},
         )
     pre.unlink(missing_ok=True)
     return out_path, got
@@ -174,16 +213,21 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
 
 
 def build_artifact(model: nn.Module, example_input: torch.Tensor, bits_by_layer: Mapping[str, int],
-                   calibration: Sequence[np.ndarray], workdir: Path, stem: str = "candidate"
-                   ) -> tuple[Path, dict[str, int]]:
+                   calibration: Sequence[np.ndarray], workdir: Path, stem: str = "candidate",
+                   match_torch: bool = True) -> tuple[Path, dict[str, int]]:
     """Export ``model`` and quantize its low-bit layers: the ONNX file that would ship.
 
-    Returns the artifact path and the bits each layer runs at in it.
+    With ``match_torch`` the activation scales of the fake-quantized model are handed to ONNX
+    Runtime. Returns the artifact path and the bits each layer runs at in it.
     """
     fp32 = export_onnx(model, example_input, workdir / f"{stem}.fp32.onnx")
     if not any(b <= 8 for b in bits_by_layer.values()):
         return fp32, dict(bits_by_layer)
     try:
-        return quantize_onnx(fp32, workdir / f"{stem}.qdq.onnx", bits_by_layer, calibration)
+        from edgeslim.spaces import QuantizedLayer
+
+        reduce = any(m.reduce_range for m in model.modules() if isinstance(m, QuantizedLayer) and m.bits == 8)
+        return quantize_onnx(fp32, workdir / f"{stem}.qdq.onnx", bits_by_layer, calibration,
+                             activation_overrides(model) if match_torch else None, reduce)
     except Exception as e:
         raise ObjectiveError(f"ONNX Runtime quantization failed: {e}") from e

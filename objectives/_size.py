@@ -12,7 +12,7 @@ from edgeslim.spaces import QuantizedLayer
 __all__ = ["SizeObjective", "model_size_bytes"]
 
 FLOAT_BYTES = 4
-ACT_QPARAM_BYTES = 4 + 1  # one fp32 scale and one uint8 zero point per quantized input
+ACT_QPARAM_BYTES = 4 + 1  # one fp32 scale and one uint8 zero point per quantized activation
 
 
 def model_size_bytes(model: nn.Module) -> int:
@@ -20,7 +20,7 @@ def model_size_bytes(model: nn.Module) -> int:
 
     - quantized weight: ``ceil(numel * bits / 8)`` plus, per output channel, one fp32 scale
       and one zero point at the weight's width (``ceil(out * bits / 8)``), as ONNX QDQ stores them;
-    - quantized input activation: one fp32 scale + one uint8 zero point;
+    - quantized input and output activations: one fp32 scale + one uint8 zero point each;
     - everything else (biases, unquantized weights, BatchNorm parameters and running
       statistics): at its own dtype size. Integer buffers (BatchNorm's step counter) and the
       observer state of quantized layers are bookkeeping, not weights, and are not counted.
@@ -28,8 +28,8 @@ def model_size_bytes(model: nn.Module) -> int:
     Example:
         >>> model_size_bytes(nn.Linear(4, 2))  # (8 + 2) * 4
         40
-        >>> model_size_bytes(QuantizedLayer(nn.Linear(4, 2), 8))  # 8 + 2*4 + 2 + 5 + 2*4 (bias)
-        31
+        >>> model_size_bytes(QuantizedLayer(nn.Linear(4, 2), 8))  # 8 + 2*4 + 2 + 2*5 + 2*4 (bias)
+        36
     """
     total = 0
     skip: set[int] = set()
@@ -40,7 +40,7 @@ def model_size_bytes(model: nn.Module) -> int:
             total += math.ceil(w.numel() * module.bits / 8) + out * FLOAT_BYTES
             total += math.ceil(out * module.bits / 8)
             if module.quantize_input:
-                total += ACT_QPARAM_BYTES
+                total += 2 * ACT_QPARAM_BYTES  # input and output activations
             skip.add(id(w))
             continue
         for buf in module.buffers(recurse=False):

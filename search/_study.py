@@ -140,7 +140,7 @@ def _evaluate(trial: optuna.Trial, space: CompressionSpace, workload: Workload,
     trial.set_user_attr("plan_summary", plan.summary())
     space.check(plan)
     torch.manual_seed(ctx.seed)
-    candidate = Candidate(plan, space.realize(workload.model, plan))
+    candidate = Candidate(plan, space.realize(workload.model, plan, reduce_range=ctx.device.int8_reduce_range))
     for obj in objectives:
         value = obj.evaluate(candidate, ctx)
         if not math.isfinite(value):

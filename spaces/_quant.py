@@ -8,24 +8,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QuantizedLayer", "quantize_weight", "dequantized_copy", "layer_bits"]
+__all__ = ["QuantizedLayer", "quantize_weight", "dequantized_copy", "layer_bits", "weight_qmax"]
 
-ACT_QMIN, ACT_QMAX = 0, 255  # activations: per-tensor asymmetric uint8, ONNX Runtime's U8S8 path
+ACT_QMIN, ACT_QMAX = -128, 127  # activations: per-tensor asymmetric int8 (S8S8: no U8S8 saturation on AVX2 without VNNI)
 
 
-def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+def weight_qmax(bits: int, reduce_range: bool = False) -> int:
+    """Largest integer level of a symmetric ``bits`` weight; 7-bit levels for reduced-range int8.
+
+    Example:
+        >>> weight_qmax(8), weight_qmax(8, reduce_range=True), weight_qmax(4)
+        (127, 63, 7)
+    """
+    if bits == 8 and reduce_range:
+        return 63
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, reduce_range: bool = False) -> torch.Tensor:
     """Per-output-channel symmetric fake quantization of ``weight`` to ``bits`` (STE gradient).
 
-    Values land on the grid ``scale * k`` with ``k`` in ``[-(2**(bits-1)-1), 2**(bits-1)-1]`` and
-    ``scale = max|w_c| / (2**(bits-1)-1)`` per output channel ``c``, so the error per element is
-    at most ``scale / 2``.
+    Values land on the grid ``scale * k`` with ``|k| <= qmax`` and ``scale = max|w_c| / qmax``
+    per output channel ``c`` (``qmax = 2**(bits-1)-1``, or 63 for reduced-range int8), so the
+    error per element is at most ``scale / 2``. Reduced range is what ONNX Runtime needs on x86
+    CPUs without VNNI, whose int8 kernels otherwise saturate intermediate sums.
 
     Example:
         >>> w = torch.tensor([[1.0, -0.5, 0.26]])
         >>> quantize_weight(w, 4).tolist()  # scale 1/7
         [[1.0, -0.5714285969734192, 0.2857142984867096]]
     """
-    qmax = 2 ** (bits - 1) - 1
+    qmax = weight_qmax(bits, reduce_range)
     amax = weight.detach().abs().amax(dim=tuple(range(1, weight.ndim))).clamp_min(1e-12)
     scale = (amax / qmax).float()
     zero = torch.zeros_like(scale, dtype=torch.int32)
@@ -33,11 +46,13 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class QuantizedLayer(nn.Module):
-    """A Conv1d/Conv2d/Linear computing with fake-quantized weights (and int8 inputs).
+    """A Conv1d/Conv2d/Linear computing with fake-quantized weights (and int8 inputs/outputs).
 
-    Weights: per-output-channel symmetric at ``bits``. Inputs (when ``bits <= 8``): per-tensor
-    asymmetric uint8 whose range is tracked as a moving average of batch min/max while training
-    and frozen in eval mode (PyTorch's MovingAverageMinMaxObserver behaviour).
+    Weights: per-output-channel symmetric at ``bits``. Inputs and outputs (when ``bits <= 8``):
+    per-tensor asymmetric uint8, as ONNX Runtime's QDQ graphs quantize both sides of a
+    QLinearConv/QGemm. Ranges are tracked as a moving average of batch min/max while training
+    and frozen in eval mode (PyTorch's MovingAverageMinMaxObserver behaviour); export hands
+    these very scales to ONNX Runtime so the artifact computes what was fine-tuned.
 
     Example:
         >>> q = QuantizedLayer(nn.Linear(4, 2), bits=8)
@@ -45,43 +60,65 @@ class QuantizedLayer(nn.Module):
         torch.Size([3, 2])
     """
 
-    def __init__(self, layer: nn.Module, bits: int, momentum: float = 0.1) -> None:
+    def __init__(self, layer: nn.Module, bits: int, momentum: float = 0.1, reduce_range: bool = False) -> None:
         super().__init__()
         self.layer = layer
         self.bits = bits
+        self.reduce_range = reduce_range
         self.momentum = momentum
         self.quantize_input = bits <= 8
         self.register_buffer("act_min", torch.tensor(0.0))
         self.register_buffer("act_max", torch.tensor(0.0))
+        self.register_buffer("out_min", torch.tensor(0.0))
+        self.register_buffer("out_max", torch.tensor(0.0))
         self.register_buffer("observed", torch.tensor(False))
+        self.register_buffer("out_observed", torch.tensor(False))
+        self.calibrating = False  # absolute min/max (ONNX Runtime's MinMax) instead of a moving average
 
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor, lo_buf: torch.Tensor, hi_buf: torch.Tensor, flag: torch.Tensor) -> None:
         lo, hi = x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0)
-        if not bool(self.observed):
-            self.act_min.copy_(lo)
-            self.act_max.copy_(hi)
-            self.observed.fill_(True)
+        if not bool(flag):
+            lo_buf.copy_(lo)
+            hi_buf.copy_(hi)
+            flag.fill_(True)
+        elif self.calibrating:
+            lo_buf.copy_(torch.minimum(lo_buf, lo))
+            hi_buf.copy_(torch.maximum(hi_buf, hi))
         else:
-            self.act_min.lerp_(lo, self.momentum)
-            self.act_max.lerp_(hi, self.momentum)
+            lo_buf.lerp_(lo, self.momentum)
+            hi_buf.lerp_(hi, self.momentum)
+
+    @staticmethod
+    def _qparams(lo: torch.Tensor, hi: torch.Tensor) -> tuple[float, int]:
+        scale = max(float(hi - lo) / (ACT_QMAX - ACT_QMIN), 1e-12)
+        zero = int(min(max(ACT_QMIN + round(-float(lo) / scale), ACT_QMIN), ACT_QMAX))
+        return scale, zero
 
     def act_qparams(self) -> tuple[float, int]:
         """(scale, zero_point) of the input activation quantizer."""
-        span = float(self.act_max - self.act_min)
-        scale = max(span / (ACT_QMAX - ACT_QMIN), 1e-12)
-        zero = int(min(max(round(-float(self.act_min) / scale), ACT_QMIN), ACT_QMAX))
-        return scale, zero
+        return self._qparams(self.act_min, self.act_max)
+
+    def out_qparams(self) -> tuple[float, int]:
+        """(scale, zero_point) of the output activation quantizer."""
+        return self._qparams(self.out_min, self.out_max)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantize_input:
-            if self.training or not bool(self.observed):
-                self._observe(x)
+            if self.training or self.calibrating or not bool(self.observed):
+                self._observe(x, self.act_min, self.act_max, self.observed)
             scale, zero = self.act_qparams()
             x = torch.fake_quantize_per_tensor_affine(x, scale, zero, ACT_QMIN, ACT_QMAX)
-        w = quantize_weight(self.layer.weight, self.bits)
+        w = quantize_weight(self.layer.weight, self.bits, self.reduce_range)
         if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, self.layer.bias)
-        return self.layer._conv_forward(x, w, self.layer.bias)
+            y = F.linear(x, w, self.layer.bias)
+        else:
+            y = self.layer._conv_forward(x, w, self.layer.bias)
+        if self.quantize_input:
+            if self.training or self.calibrating or not bool(self.out_observed):
+                self._observe(y, self.out_min, self.out_max, self.out_observed)
+            scale, zero = self.out_qparams()
+            y = torch.fake_quantize_per_tensor_affine(y, scale, zero, ACT_QMIN, ACT_QMAX)
+        return y
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
@@ -100,7 +137,7 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
         if isinstance(module, QuantizedLayer):
             plain = module.layer
             with torch.no_grad():
-                plain.weight.copy_(quantize_weight(plain.weight, module.bits))
+                plain.weight.copy_(quantize_weight(plain.weight, module.bits, module.reduce_range))
             if not name:  # the model itself is one quantized layer
                 return plain
             _set_submodule(out, name, plain)

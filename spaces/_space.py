@@ -201,16 +201,22 @@ class CompressionSpace:
                 raise InfeasiblePlanError(f"bits of {name!r} must be one of {list(SUPPORTED_BITS)}, "
                                           f"got {lp.bits!r}")
 
-    def realize(self, base: nn.Module, plan: Plan) -> nn.Module:
+    def realize(self, base: nn.Module, plan: Plan, reduce_range: bool = False) -> nn.Module:
         """A new module implementing ``plan`` on ``base``; ``base`` is never modified.
 
-        Order: prune coupled channels (physically, with torch-pruning), then factorize the
-        pruned weights by truncated SVD, then wrap quantized layers with fake quantization.
+        Order: prune coupled channels (physically, with torch-pruning), fold the BatchNorm
+        that follows a quantized conv into it (as the exported graph does, so fake quantization
+        sees the same tensors ONNX Runtime quantizes), factorize the pruned weights by truncated
+        SVD, then wrap quantized layers with fake quantization (7-bit int8 weight levels with
+        ``reduce_range``, for runtimes that need them).
         """
         self.check(plan)
         model = copy.deepcopy(base).eval()
         if any(s > 0 for _, s in plan.groups):
             _prune_(model, self, plan)
+        quantized = {name for name, lp in plan.layers if lp.bits < 32}
+        if quantized:
+            _fold_batchnorm_(model, quantized)
         for name, lp in plan.layers:
             target: nn.Module = model.get_submodule(name)
             if lp.rank < 1.0:
@@ -224,10 +230,42 @@ class CompressionSpace:
             if lp.bits < 32:
                 if isinstance(target, nn.Sequential):
                     for i, factor in enumerate(target):
-                        target[i] = QuantizedLayer(factor, lp.bits)
+                        target[i] = QuantizedLayer(factor, lp.bits, reduce_range=reduce_range)
                 else:
-                    _set_submodule(model, name, QuantizedLayer(target, lp.bits))
+                    _set_submodule(model, name, QuantizedLayer(target, lp.bits, reduce_range=reduce_range))
         return model
+
+
+def _fold_batchnorm_(model: nn.Module, convs: set[str]) -> None:
+    """Fold each BatchNorm that directly follows one of ``convs`` into it; the BN becomes Identity."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception:  # untraceable model: keep BatchNorm, fake quantization is then approximate
+        log.info("cannot trace the model to fold BatchNorm; quantized convs keep their BatchNorm")
+        return
+    modules = dict(model.named_modules())
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in convs:
+            continue
+        conv = modules[node.target]
+        users = list(node.users)
+        if not isinstance(conv, (nn.Conv1d, nn.Conv2d)) or len(users) != 1 or users[0].op != "call_module":
+            continue
+        bn = modules[users[0].target]
+        if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or bn.num_features != conv.out_channels:
+            continue
+        with torch.no_grad():
+            std = (bn.running_var + bn.eps).sqrt()
+            gamma = bn.weight if bn.affine else torch.ones_like(std)
+            beta = bn.bias if bn.affine else torch.zeros_like(std)
+            factor = gamma / std
+            conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.ndim - 1))))
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+            new_bias = (bias - bn.running_mean) * factor + beta
+            conv.bias = nn.Parameter(new_bias.clone())
+        _set_submodule(model, users[0].target, nn.Identity())
 
 
 def _nearest(choices: tuple[float | int, ...], value: float | int) -> float | int:

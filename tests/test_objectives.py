@@ -24,8 +24,8 @@ def test_size_matches_hand_count():
                       QuantizedLayer(nn.Linear(6, 5, bias=False), 8))
     conv = (8 * 3 * 9 + 8) * 4
     bn = (8 + 8 + 8 + 8) * 4  # weight, bias, running mean, running var (num_batches_tracked is an int)
-    q4 = math.ceil(60 * 4 / 8) + 6 * 4 + math.ceil(6 * 4 / 8) + 5 + 6 * 4  # w, scales, zero points, act qparams, bias
-    q8 = 30 + 5 * 4 + 5 + 5
+    q4 = math.ceil(60 * 4 / 8) + 6 * 4 + math.ceil(6 * 4 / 8) + 2 * 5 + 6 * 4  # w, scales, zero points, in/out act qparams, bias
+    q8 = 30 + 5 * 4 + 5 + 2 * 5
     assert model_size_bytes(m) == conv + bn + q4 + q8
 
 
