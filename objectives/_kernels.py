@@ -214,6 +214,8 @@ def extract_kernels(model: nn.Module, example_input: torch.Tensor) -> list[Kerne
             fn = node.target
             if node.op == "call_method" and fn in _FREE_METHODS or fn in _FREE_FUNCS:
                 continue
+            if getattr(fn, "__name__", "") in ("stochastic_depth", "dropout"):  # identity at inference
+                continue
             if node.op == "call_method" and fn in ("relu", "relu_", "clamp"):
                 fn = torch.relu
             if node.op == "call_method" and fn == "mean":

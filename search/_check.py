@@ -87,8 +87,13 @@ def summarize(rows: Sequence[CheckRow], worst: int = 5) -> CheckSummary:
 
 def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int = 0,
                   workloads: Sequence[str] = tuple(VALIDATION_WORKLOADS),
-                  progress: Callable[[int, int], None] | None = None) -> list[CheckRow]:
-    """Sample random plans, predict with ``profile`` and measure the exported artifacts here."""
+                  progress: Callable[[int, int], None] | None = None,
+                  threads: int | None = None) -> list[CheckRow]:
+    """Sample random plans, predict with ``profile`` and measure the exported artifacts here.
+
+    Measurement uses the profile's thread count unless ``threads`` says otherwise (to check
+    that a profile is specific to its thread setting).
+    """
     assert profile.latency_model is not None
     rng = np.random.default_rng(seed)
     rows: list[CheckRow] = []
@@ -104,14 +109,14 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
             for i in range(samples_per_workload):
                 params = {k: d.choices[int(rng.integers(len(d.choices)))] for k, d in dists.items()}
                 plan = space.plan_from_params(params) if i else space.dense_plan()
-                model = space.realize(base, plan)
+                model = space.realize(base, plan, reduce_range=profile.int8_reduce_range)
                 with torch.no_grad():
                     model(x)  # settle activation observers of quantized layers
                 kernels = extract_kernels(model, x)
                 predicted, _ = profile.latency_model.predict(kernels, io_bytes(kernels, x))
                 calib = [np.random.default_rng(j).standard_normal(shape).astype(np.float32) for j in range(4)]
                 path, _ = build_artifact(model, x, layer_bits(model), calib, Path(tmp), stem=f"{w}-{i}")
-                measured = measure_latency(path, shape, threads=profile.threads, budget_s=0.5, min_runs=20).p50_ms
+                measured = measure_latency(path, shape, threads=threads or profile.threads, budget_s=0.5, min_runs=20).p50_ms
                 rows.append(CheckRow(w, plan.summary(), predicted, measured))
                 if progress:
                     progress(len(rows), total)

@@ -212,14 +212,14 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
     if unknown:
         raise SpecError(f"unknown workloads {unknown}; choose from {list(VALIDATION_WORKLOADS)}")
     bar = Progress(args.samples * len(workloads), "candidates")
-    rows = check_latency(profile, args.samples, args.seed or 0, workloads, lambda d, t: bar.update(d))
+    rows = check_latency(profile, args.samples, args.seed or 0, workloads, lambda d, t: bar.update(d), args.threads)
     summary = summarize(rows)
     if args.format == "json":
         print(json.dumps({"device": profile.name, "profile_id": profile.profile_id,
                           "rows": [dataclasses.asdict(r) for r in rows], "summary": summary.to_dict()}, indent=2))
         return 0
-    print(f"device {profile.name} ({profile.profile_id}), {profile.threads} thread(s); measured here with the "
-          "same protocol")
+    print(f"device {profile.name} ({profile.profile_id}), calibrated with {profile.threads} thread(s); measured here "
+          f"with {args.threads or profile.threads} thread(s), same protocol")
     print(f"{'workload':<18} {'n':>3} {'within ±10%':>12} {'MAPE':>7}")
     for w in workloads:
         s = summarize([r for r in rows if r.workload == w])
@@ -382,6 +382,7 @@ def _build_parser() -> argparse.ArgumentParser:
             p.add_argument("--device", required=True, help="calibrated profile to check")
             p.add_argument("--samples", type=int, default=6, help="random plans per workload (default 6)")
             p.add_argument("--workloads", help="comma-separated subset of the validation workloads")
+            p.add_argument("--threads", type=int, help="measure with this many threads (default: the profile's)")
             p.add_argument("--devices-dir", default="studies/devices")
             p.add_argument("--seed", type=int)
             p.add_argument("--format", choices=["table", "json"], default="table")

@@ -1,0 +1,174 @@
+"""Deployable variants: real architectures, torch/ONNX agreement, pick under an SLO, export, cards."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from edgeslim.objectives import FinetuneConfig, build_artifact, export_onnx, finetune_, sample_inputs
+from edgeslim.search import DigitsCNN, demo_spec, digits_splits, run_search
+from edgeslim.search._pick import SLO, NoFitError, select
+from edgeslim.search._spec import FinetuneSpec, ModelSpec
+from edgeslim.search._workloads import train_base
+from edgeslim.search.cli import main
+from edgeslim.spaces import CompressionSpace, layer_bits
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block written with plain nn.Linear."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (f(h).reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 32)
+        self.blocks = nn.Sequential(Block(), Block())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x)).mean(dim=1))
+
+
+ARCHS = ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+         "efficientnet_b0", "regnet_x_400mf", "transformer"]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_architectures_realize_random_plans_and_export(name):
+    torch.manual_seed(0)
+    if name == "transformer":
+        model, x = TinyTransformer().eval(), torch.randn(1, 8, 16)
+    else:
+        model, x = torchvision.models.get_model(name, weights=None, num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        space = CompressionSpace.build(model, x)
+    for layer, why in space.excluded.items():  # every exclusion names the layer and says why
+        assert layer and why
+    named = [str(w.message) for w in caught if "left out" in str(w.message)]
+    assert all("[" in m and ":" in m for m in named)
+    rng = np.random.default_rng(0)
+    params = {k: d.choices[int(rng.integers(len(d.choices)))] for k, d in space.distributions().items()}
+    quantized = space.realize(model, space.plan_from_params(params))
+    assert quantized(x).shape == (1, 10)
+    plan = space.uniform_plan(sparsity=0.5, rank=0.5, bits=32)
+    fp32 = space.realize(model, plan)
+    with torch.no_grad():
+        ref = fp32(x).numpy()
+    assert ref.shape == (1, 10)
+    path = export_onnx(fp32, x, Path(tempfile.mkdtemp()) / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.allclose(out, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
+
+
+@pytest.fixture(scope="module")
+def trained_digits():
+    data, _ = digits_splits(8, 0.3, 0)
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    train_base(model, data, 8, 0)
+    return model.eval(), data
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_int8_fake_quant_agrees_with_onnx_runtime(trained_digits, sparsity):
+    model, data = trained_digits
+    x = torch.randn(1, 1, 8, 8)
+    space = CompressionSpace.build(model, x)
+    candidate = space.realize(model, space.uniform_plan(sparsity=sparsity, bits=8), reduce_range=True)
+    finetune_(candidate, data, FinetuneConfig(steps=40, lr=2e-3), 0)
+    calib = [t.numpy() for t in sample_inputs(data.train, 16)]
+    path, got = build_artifact(candidate, x, layer_bits(candidate), calib, Path(tempfile.mkdtemp()))
+    assert set(got.values()) == {8}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    xs, _ = data.val.tensors
+    with torch.no_grad():
+        torch_pred = candidate(xs).argmax(1).numpy()
+    onnx_pred = np.array([sess.run(None, {"input": xs[i:i + 1].numpy()})[0].argmax() for i in range(len(xs))])
+    assert (torch_pred == onnx_pred).mean() >= 0.99
+
+
+FRONT = [
+    {"trial": 0, "accuracy": 0.99, "latency_ms": 2.0, "latency_p95_ms": 2.5, "size_bytes": 100e3,
+     "vs_baseline": {"accuracy_drop_pp": 0.0, "max_class_drop_pp": 0.0}},
+    {"trial": 4, "accuracy": 0.97, "latency_ms": 0.9, "latency_p95_ms": 1.4, "size_bytes": 30e3,
+     "vs_baseline": {"accuracy_drop_pp": 2.0, "max_class_drop_pp": 6.0}},
+    {"trial": 7, "accuracy": 0.97, "latency_ms": 0.7, "latency_p95_ms": 0.95, "size_bytes": 40e3,
+     "vs_baseline": {"accuracy_drop_pp": 2.0, "max_class_drop_pp": 3.0}},
+]
+
+
+def test_select_best_accuracy_then_lowest_latency():
+    assert select(FRONT, SLO())["trial"] == 0
+    assert select(FRONT, SLO(max_latency_ms=1.0))["trial"] == 7  # tie on accuracy, faster wins
+    assert select(FRONT, SLO(max_latency_ms=1.0, p95=True))["trial"] == 7
+    assert select(FRONT, SLO(max_latency_ms=1.0, max_size_kb=35))["trial"] == 4
+
+
+def test_no_fit_names_each_miss_and_by_how_much():
+    with pytest.raises(NoFitError) as info:
+        select(FRONT, SLO(max_latency_ms=1.0, max_class_drop_pp=2.0))
+    nearest = info.value.nearest
+    assert [e["trial"] for e, _ in nearest][0] == 7
+    miss = nearest[0][1][0]
+    assert miss.budget == "max_class_drop_pp" and miss.by == pytest.approx(1.0)
+    assert "max_class_drop_pp: 3 vs limit 2" in str(info.value)
+
+
+def test_bad_slo_values():
+    with pytest.raises(ValueError, match="min_accuracy must be in \\[0, 1\\]"):
+        SLO(min_accuracy=97.0)
+    with pytest.raises(ValueError, match="not both"):
+        SLO(min_accuracy=0.9, max_accuracy_drop_pp=1.0)
+
+
+def test_pick_export_card_versions(tmp_path, capsys):
+    spec = demo_spec().replace(trials=3, out_dir=str(tmp_path / "study"),
+                               model=ModelSpec(builtin="digits-cnn", train_epochs=3),
+                               finetune=FinetuneSpec(steps=20, lr=2e-3, batch_size=64))
+    run_search(spec, stream=io.StringIO())
+    study = str(tmp_path / "study")
+    assert main(["pick", study, "--max-latency-ms", "0.00001"]) == 3
+    assert "nearest" in capsys.readouterr().err
+    out = tmp_path / "ship"
+    assert main(["pick", study, "--max-accuracy-drop", "100", "--export", str(out)]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["version"] == "v1" and (out / "model.onnx").stat().st_size == card["artifact"]["bytes"]
+    assert card["slo"] == {"max_accuracy_drop_pp": 100.0} and card["device"]["energy"].startswith("estimated")
+    assert len(card["artifact"]["per_class_accuracy"]) == 10 and card["base_model"]["sha256_16"]
+    assert "Per-class accuracy" in (out / "MODEL_CARD.md").read_text()
+    assert main(["export", study, "--trial", "1", "--out", str(out)]) == 2  # never overwrite
+    assert main(["export", study, "--trial", "1"]) == 0
+    assert card["artifact"]["torch_onnx_top1_agreement"] >= 0.99
+    capsys.readouterr()
+    assert main(["variants", study, "--format", "json"]) == 0
+    versions = json.loads(capsys.readouterr().out)
+    assert [v["version"] for v in versions] == ["v1", "v2"] and versions[1]["trial"] == 1
+    assert (tmp_path / "study" / "variants" / "v1" / "model.onnx").is_file()
