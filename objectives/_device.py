@@ -138,7 +138,7 @@ class DeviceProfile:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             path.rename(path.with_name(f"{path.stem}.{stamp}.bak.json"))
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.write_text(json.dumps(self.to_dict(), separators=(",", ":")))
         tmp.replace(path)
         return path
 

@@ -21,6 +21,8 @@ _EXPORTS = {
     "ReportData": "_report", "build_report_data": "_report", "write_report": "_report",
     "Workload": "_workloads", "load_workload": "_workloads", "DigitsCNN": "_workloads",
     "DigitsResNet": "_workloads", "digits_splits": "_workloads",
+    "SLO": "_pick", "NoFitError": "_pick", "select": "_pick",
+    "export_variant": "_export", "list_variants": "_export",
     "main": "cli",
 }
 

@@ -11,9 +11,6 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from edgeslim.search._spec import StudySpec
-from edgeslim.spaces import CompressionSpace
-
 __all__ = ["ReportData", "build_report_data", "write_report"]
 
 LABELS = {
@@ -46,11 +43,17 @@ class ReportData:
     latency_method: str
     energy_method: str
     device: str
+    class_deltas: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    picked: int | None = None
 
 
 def build_report_data(study: optuna.Study, names: list[str], front: list[dict[str, Any]],
-                      space: CompressionSpace, spec: StudySpec) -> ReportData:
-    """Collect the report's data from a study and its front entries."""
+                      budgets: dict[str, float], title: str, picked: int | None = None) -> ReportData:
+    """Collect the report's data from a study and its front entries.
+
+    ``budgets`` are shaded on the plots (search budgets or a pick's SLO, in the search's
+    budget names); ``picked`` is highlighted.
+    """
     on_front = {e["trial"] for e in front}
     points, failed = [], []
     base = None
@@ -63,30 +66,39 @@ def build_report_data(study: optuna.Study, names: list[str], front: list[dict[st
                 base = t.number
         elif t.state == TrialState.FAIL:
             failed.append((t.number, str(t.user_attrs.get("fail_reason", "unknown"))))
+    plans = [e.get("plan") or {} for e in front]
+    groups = sorted({g for p in plans for g in p.get("groups", {})})
+    layers = sorted({l for p in plans for l in p.get("layers", {})})
     decisions = []
-    for e in front:
-        plan = e.get("plan") or {}
+    for e, plan in zip(front, plans):
         decisions.append({
             "trial": e["trial"],
-            "sparsity": {g.name: plan.get("groups", {}).get(g.name, 0.0) for g in space.groups},
-            "rank": {l.name: plan.get("layers", {}).get(l.name, {}).get("rank", 1.0) for l in space.layers},
-            "bits": {l.name: plan.get("layers", {}).get(l.name, {}).get("bits", 32) for l in space.layers},
+            "sparsity": {g: plan.get("groups", {}).get(g, 0.0) for g in groups},
+            "rank": {l: plan.get("layers", {}).get(l, {}).get("rank", 1.0) for l in layers},
+            "bits": {l: plan.get("layers", {}).get(l, {}).get("bits", 32) for l in layers},
         })
+    deltas = []
+    for e in front:
+        base_pc = e.get("baseline", {}).get("per_class_accuracy")
+        if base_pc and e.get("per_class_accuracy"):
+            deltas.append((e["trial"], tuple(round(100 * (a - b), 2) for a, b in zip(e["per_class_accuracy"], base_pc))))
     first = front[0] if front else {}
     return ReportData(
-        title=f"edgeslim study {spec.name}",
+        title=title,
         names=tuple(names),
         points=tuple(points),
         baseline_trial=base,
-        budgets=spec.budgets.active(),
-        groups=tuple(g.name for g in space.groups),
-        layers=tuple(l.name for l in space.layers),
+        budgets=dict(budgets),
+        groups=tuple(groups),
+        layers=tuple(layers),
         decisions=tuple(decisions),
         front=tuple(front),
         failed=tuple(failed),
         latency_method=str(first.get("latency_method", "")),
         energy_method=str(first.get("energy_method", "")),
         device=str(study.user_attrs.get("device", "")),
+        class_deltas=tuple(deltas),
+        picked=picked,
     )
 
 
@@ -142,11 +154,22 @@ def write_report(data: ReportData, path: Path) -> Path:
             fig.add_trace(go.Scatter(x=[p[n] for p in base], y=[p["accuracy"] for p in base], mode="markers",
                                      marker={"symbol": "star", "size": 16, "color": "black"},
                                      name="dense baseline", showlegend=show), 1, i)
+            picked = [p for p in data.points if p["trial"] == data.picked]
+            if picked:
+                fig.add_trace(go.Scatter(x=[p[n] for p in picked], y=[p["accuracy"] for p in picked], mode="markers",
+                                         marker={"symbol": "circle-open", "size": 22, "color": "#2ca02c",
+                                                 "line": {"width": 3}},
+                                         name=f"picked (trial {data.picked})", showlegend=show), 1, i)
             for budget, bound in data.budgets.items():
+                if budget not in _BUDGET_AXES:
+                    continue
                 axis, scale = _BUDGET_AXES[budget]
-                if axis == n:
+                if axis == n:  # shade the side of the budget that meets it
+                    fig.add_vrect(x0=0, x1=bound * scale, fillcolor="green", opacity=0.08, line_width=0,
+                                  row=1, col=i)
                     fig.add_vline(x=bound * scale, line_dash="dash", line_color="green", row=1, col=i)
                 elif axis == "accuracy":
+                    fig.add_hrect(y0=bound, y1=1.0, fillcolor="green", opacity=0.08, line_width=0, row=1, col=i)
                     fig.add_hline(y=bound, line_dash="dash", line_color="green", row=1, col=i)
             fig.update_xaxes(title_text=LABELS.get(n, n), type="log" if n == "size_bytes" else "linear",
                              row=1, col=i)
@@ -166,6 +189,14 @@ def write_report(data: ReportData, path: Path) -> Path:
                                        texttemplate="%{text}", hoverongaps=False))
             fig.update_layout(title=f"{title}: Pareto variants", height=120 + 28 * len(ylabels))
             figs.append(fig)
+    if data.class_deltas:
+        z = [list(d) for _, d in data.class_deltas]
+        fig = go.Figure(go.Heatmap(z=z, x=[f"class {i}" for i in range(len(z[0]))],
+                                   y=[f"trial {t}" for t, _ in data.class_deltas], colorscale="RdBu", zmid=0,
+                                   text=z, texttemplate="%{text}"))
+        fig.update_layout(title="Per-class accuracy change vs the dense baseline (pp): Pareto variants",
+                          height=120 + 28 * len(z))
+        figs.append(fig)
     parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
     failed = "".join(f"<li>trial {n}: {html.escape(r)}</li>" for n, r in data.failed)
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(data.title)}</title>
@@ -175,7 +206,8 @@ td,th{{border:1px solid #ccc;padding:3px 6px}} .note{{color:#555}}</style></head
 <p class="note">Device: {html.escape(data.device)}.<br>Latency: {html.escape(data.latency_method)}.<br>Energy: {html.escape(data.energy_method)}.
 Energy values are <b>estimates</b>, not measurements.</p>
 <p>{len(data.points)} completed trials, {len(data.front)} on the Pareto front, {len(data.failed)} failed.
-Budgets: {html.escape(str(data.budgets) if data.budgets else "none")}.</p>
+Budgets: {html.escape(str(data.budgets) if data.budgets else "none")}.
+{f"Picked: trial {data.picked}." if data.picked is not None else ""}</p>
 {parts[0] if parts else ""}
 <h2>Pareto front</h2>{_front_table(data)}
 {"".join(parts[1:])}

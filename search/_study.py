@@ -214,5 +214,6 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     write_front(front, out_dir)
     from edgeslim.search._report import build_report_data, write_report
 
-    report = write_report(build_report_data(study, names, front, space, spec), out_dir / "report.html")
+    report = write_report(build_report_data(study, names, front, spec.budgets.active(), f"edgeslim study {spec.name}"),
+                          out_dir / "report.html")
     return SearchResult(study, space, workload, front, out_dir, report, names)

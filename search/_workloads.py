@@ -293,3 +293,16 @@ def load_workload(spec: StudySpec, out_dir: Path, log: Callable[[str], None] = p
     # a random example input: some layers (and torch-pruning's tracer) behave oddly on all zeros
     example = torch.randn(example.shape, generator=torch.Generator().manual_seed(spec.seed))
     return Workload(model, data, example, desc, acc, split_hash, model_hash(model))
+
+
+def digits_rgb32(seed: int = 0, val_fraction: float = 0.3) -> tuple[Dataset, Dataset, int]:
+    """Digits upscaled to 3×32×32: a data factory for torchvision networks (``[data] factory``).
+
+    Example:
+        >>> train, val, n = digits_rgb32()
+        >>> train[0][0].shape, n
+        (torch.Size([3, 32, 32]), 10)
+    """
+    data, _ = digits_splits(32, val_fraction, seed)
+    rgb = [TensorDataset(d.tensors[0].repeat(1, 3, 1, 1), d.tensors[1]) for d in (data.train, data.val)]
+    return rgb[0], rgb[1], 10

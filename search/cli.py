@@ -268,12 +268,27 @@ def cmd_pick(args: argparse.Namespace) -> int:
           f"(estimate); plan: {best.get('plan_summary', '')}")
     if args.format == "json":
         print(json.dumps(best, indent=2, default=float))
+    _redraw_report(Path(args.study), study, slo, best["trial"])
     if not args.export:
         return 0
     result = export_variant(Path(args.study), best["trial"], Path(args.export), args.storage,
                             args.finetune_steps, slo, Path(args.devices_dir),
                             log=lambda m: print(m, file=sys.stderr))
     return _report_export(result)
+
+
+def _redraw_report(study_dir: Any, study: Any, slo: Any, picked: int) -> None:
+    """Re-draw report.html with the SLO shaded and the pick highlighted (the report is derived data)."""
+    from edgeslim.search._front import front_entries
+    from edgeslim.search._report import build_report_data, write_report
+
+    names = list(study.metric_names or [])
+    budgets = {k: v for k, v in slo.active().items() if k in ("max_latency_ms", "max_size_kb", "max_energy_mj",
+                                                                "min_accuracy")}
+    data = build_report_data(study, names, front_entries(study, names), budgets,
+                             f"edgeslim study {study.study_name}: pick under {slo.active()}", picked)
+    path = write_report(data, study_dir / "report.html")
+    print(f"report: {path} (SLO shaded, pick highlighted)")
 
 
 def _report_export(result: Any) -> int:

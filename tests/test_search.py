@@ -108,3 +108,22 @@ def test_resume_with_a_different_space_is_refused(tmp_path):
     other = spec.replace(space=SpaceSpec(rules={"_default": RuleSpec(bits=[8, 32])}))
     with pytest.raises(SpecError, match="different spec"):
         _quiet_run(other)
+
+
+def test_report_data_is_computed_before_drawing(tmp_path):
+    from edgeslim.search._front import front_entries
+    from edgeslim.search._report import build_report_data, write_report
+
+    result = _quiet_run(_spec(tmp_path, trials=3, objectives=["accuracy", "size_bytes"]))
+    front = front_entries(result.study, ["accuracy", "size_bytes"])
+    data = build_report_data(result.study, ["accuracy", "size_bytes"], front, {"max_size_kb": 50.0}, "t", picked=1)
+    assert [p["trial"] for p in data.points] == [0, 1, 2]
+    assert {p["trial"] for p in data.points if p["front"]} == {e["trial"] for e in front}
+    assert data.baseline_trial == 0 and data.picked == 1
+    assert [d["trial"] for d in data.decisions] == [e["trial"] for e in front]
+    assert all(len(d) == 10 for _, d in data.class_deltas)
+    dense = next((d for t, d in data.class_deltas if t == 0), None)
+    assert dense is None or dense == tuple(0.0 for _ in range(10))
+    assert data == build_report_data(result.study, ["accuracy", "size_bytes"], front, {"max_size_kb": 50.0}, "t", 1)
+    html = write_report(data, tmp_path / "r.html").read_text()
+    assert "Picked: trial 1" in html and "Per-class accuracy change" in html
