@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeslim.objectives import _runner
-from edgeslim.objectives._kernels import Kernel, kernel_type
+from edgeslim.objectives._kernels import Kernel
 from edgeslim.objectives._latency_model import LatencyModel
 
 __all__ = ["CalibrationResult", "MODES", "KERNEL_TYPES", "calibrate", "fit_measurements", "micro_model",
@@ -335,11 +335,6 @@ def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
             raise ValueError(f"measurements.entries[{i}] lacks {missing}; re-run the kit's run_kit.py")
     meas = [{k: e[k] for k in keys} for e in entries]
     return CalibrationResult(kernels, meas, _fit(kernels, meas, device), [])
-
-
-def kernel_types_of(kernels: Sequence[Kernel]) -> list[str]:
-    """Sorted distinct kernel types."""
-    return sorted({kernel_type(k) for k in kernels})
 
 
 def fit_energy(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], source: str) -> Any:

@@ -13,7 +13,7 @@ __all__ = ["main", "COMMANDS"]
 
 
 def _spec_from_args(args: argparse.Namespace) -> Any:
-    from edgeslim.search._spec import BudgetsSpec, DeviceSpec, demo_spec, load_spec
+    from edgeslim.search._spec import DeviceSpec, demo_spec, load_spec
 
     spec = load_spec(args.spec) if args.spec else demo_spec()
     changes: dict[str, Any] = {}
@@ -33,7 +33,7 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
     budgets = {k: getattr(args, k) for k in ("max_latency_ms", "max_size_kb", "max_energy_mj", "min_accuracy")
                if getattr(args, k, None) is not None}
     if budgets:
-        changes["budgets"] = dataclasses.replace(spec.budgets, **budgets) if spec.budgets else BudgetsSpec(**budgets)
+        changes["budgets"] = dataclasses.replace(spec.budgets, **budgets)
     return spec.replace(**changes) if changes else spec
 
 
@@ -108,7 +108,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from edgeslim.objectives import _calibrate, _runner
+    from edgeslim.objectives import _calibrate, _runner, kernel_type
     from edgeslim.objectives._device import DeviceProfile, EnergyConstants, ProfileError, profile_id
     from edgeslim.search._progress import Progress
 
@@ -179,7 +179,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     extra = {
         "created": created, "mode": mode if not args.fit else data.get("mode", "kit"), "protocol": protocol,
         "rounds": result.rounds,
-        "measurements": [{"kernel": dataclasses.asdict(k), "type": _calibrate.kernel_type(k), **m}
+        "measurements": [{"kernel": dataclasses.asdict(k), "type": kernel_type(k), **m}
                          for k, m in zip(result.kernels, result.measurements)],
     }
     profile = DeviceProfile(name=args.device, threads=threads, energy=energy, latency_model=result.model,
