@@ -144,8 +144,9 @@ def write_report(data: ReportData, path: Path) -> Path:
                                      marker={"color": "#bbbbbb"}, name="trials", showlegend=show,
                                      text=[f"trial {p['trial']}" for p in rest]), 1, i)
             fig.add_trace(go.Scatter(x=[p[n] for p in front], y=[p["accuracy"] for p in front],
-                                     mode="markers+lines", marker={"color": "#d62728", "size": 9},
-                                     line={"dash": "dot"}, name="Pareto front", showlegend=show,
+                                     # a 4-objective front projected on two axes is not a curve: no line
+                                     mode="markers", marker={"color": "#d62728", "size": 9},
+                                     name="Pareto front", showlegend=show,
                                      text=[f"trial {p['trial']}" for p in front]), 1, i)
             fig.add_trace(go.Scatter(x=[p[n] for p in presets], y=[p["accuracy"] for p in presets],
                                      mode="markers", marker={"symbol": "diamond-open", "size": 11, "color": "#1f77b4"},
