@@ -130,9 +130,9 @@ def quantize_onnx(fp32_path: Path, out_path: Path, bits_by_layer: Mapping[str, i
                              for v in scales[1:]]
             if act_overrides and fqn in act_overrides:
                 s_in, z_in, s_out, z_out = act_overrides[fqn]
-                overrides.setdefault(node.output[0], [{"scale": np.array(s_out, dtype=np.float32), "zero_point": np.array(z_out, dtype=np.int8)}])
+                overrides.setdefault(node.output[0], [{"scale": np.array(s_out, dtype=np.float32), "zero_point": np.array(z_out, dtype=np.uint8)}])
                 # a tensor both produced and consumed by int8 layers takes the consumer's scale
-                overrides[node.input[0]] = [{"scale": np.array(s_in, dtype=np.float32), "zero_point": np.array(z_in, dtype=np.int8)}]
+                overrides[node.input[0]] = [{"scale": np.array(s_in, dtype=np.float32), "zero_point": np.array(z_in, dtype=np.uint8)}]
     if not nodes:
         pre.replace(out_path)
         return out_path, got
@@ -148,7 +148,7 @@ def quantize_onnx(fp32_path: Path, out_path: Path, bits_by_layer: Mapping[str, i
         quantize_static(
             str(pre), str(out_path), Reader(calibration), quant_format=QuantFormat.QDQ,
             per_channel=True, reduce_range=reduce_range,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                            "TensorQuantOverrides": overrides,

@@ -10,7 +10,7 @@ from torch import nn
 
 __all__ = ["QuantizedLayer", "quantize_weight", "dequantized_copy", "layer_bits", "weight_qmax"]
 
-ACT_QMIN, ACT_QMAX = -128, 127  # activations: per-tensor asymmetric int8 (S8S8: no U8S8 saturation on AVX2 without VNNI)
+ACT_QMIN, ACT_QMAX = 0, 255  # activations: per-tensor asymmetric uint8 (U8S8, the fast x86 path)
 
 
 def weight_qmax(bits: int, reduce_range: bool = False) -> int:

@@ -101,7 +101,7 @@ def test_quantized_layer_tracks_activation_range():
     q(torch.tensor([[-1.0, 0.5, 2.0]]))
     assert float(q.act_min) == -1.0 and float(q.act_max) == 2.0
     scale, zero = q.act_qparams()
-    assert scale == pytest.approx(3.0 / 255) and zero == -128 + 85  # int8: -1.0 maps to -128
+    assert scale == pytest.approx(3.0 / 255) and zero == 85  # uint8: -1.0 maps to 0, 0.0 to 85
 
 
 PLANS = [
