@@ -184,16 +184,10 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
     input, ``warmup`` discarded runs, then runs until ``budget_s`` is spent (bounded by
     ``min_runs``/``max_runs``). Each run is timed on its own.
     """
-    import onnxruntime as ort
+    from edgeslim.objectives._runner import make_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:  # the same session settings as calibration, so measured and predicted agree on protocol
+        sess = make_session(str(path), threads)
     except Exception as e:
         raise ObjectiveError(f"ONNX Runtime cannot load {path}: {e}") from e
     name = sess.get_inputs()[0].name
