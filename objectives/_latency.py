@@ -7,7 +7,6 @@ import numpy as np
 from edgeslim.objectives._base import Candidate, EvalContext, Objective
 from edgeslim.objectives._data import sample_inputs
 from edgeslim.objectives._export import build_artifact, measure_latency
-from edgeslim.objectives._kernels import extract_kernels, io_bytes
 from edgeslim.spaces import layer_bits
 
 __all__ = ["LatencyObjective"]
@@ -56,12 +55,11 @@ class LatencyObjective(Objective):
     def _predict(self, candidate: Candidate, ctx: EvalContext) -> float:
         model = ctx.device.latency_model
         assert model is not None
-        kernels = extract_kernels(candidate.model, ctx.example_input)
-        p50, p95 = model.predict(kernels, io_bytes(kernels, ctx.example_input))
+        p50, p95, n_kernels = model.predict_module(candidate.model, ctx.example_input)
         candidate.metrics.update(
             latency_p95_ms=p95,
             latency_method=f"predicted (estimate): kernel model of device profile {ctx.device.name} "
-                           f"({ctx.device.profile_id}), {ctx.device.threads} thread(s), {len(kernels)} kernels",
+                           f"({ctx.device.profile_id}), {ctx.device.threads} thread(s), {n_kernels} kernels",
             runtime_bits=layer_bits(candidate.model),
         )
         return p50

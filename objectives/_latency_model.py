@@ -244,6 +244,15 @@ class LatencyModel:
         over = self._io_cost(io_bytes)
         return (over + sum(p for p, _ in per), over * self.overhead_p95_ratio_ + sum(q for _, q in per))
 
+    def predict_module(self, module: Any, example_input: Any) -> tuple[float, float, int]:
+        """(p50, p95, kernel count) of a realized module on ``example_input``: its kernels after
+        fusion (torch.fx) plus the overhead for its input and output."""
+        from edgeslim.objectives._kernels import extract_kernels, io_bytes
+
+        kernels = extract_kernels(module, example_input)
+        p50, p95 = self.predict(kernels, io_bytes(kernels, example_input))
+        return p50, p95, len(kernels)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form of the fitted model."""
         self._check()

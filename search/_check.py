@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.objectives import DeviceProfile, build_artifact, extract_kernels, measure_latency
-from edgeslim.objectives._kernels import io_bytes
+from edgeslim.objectives import DeviceProfile, build_artifact, measure_latency
 from edgeslim.search._workloads import DigitsCNN, DigitsResNet
 from edgeslim.spaces import CompressionSpace, layer_bits
 
@@ -112,8 +111,7 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                 model = space.realize(base, plan, reduce_range=profile.int8_reduce_range)
                 with torch.no_grad():
                     model(x)  # settle activation observers of quantized layers
-                kernels = extract_kernels(model, x)
-                predicted, _ = profile.latency_model.predict(kernels, io_bytes(kernels, x))
+                predicted, _, _ = profile.latency_model.predict_module(model, x)
                 calib = [np.random.default_rng(j).standard_normal(shape).astype(np.float32) for j in range(4)]
                 path, _ = build_artifact(model, x, layer_bits(model), calib, Path(tmp), stem=f"{w}-{i}")
                 measured = measure_latency(path, shape, threads=threads or profile.threads, budget_s=0.5, min_runs=20).p50_ms

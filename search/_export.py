@@ -18,12 +18,12 @@ import torch
 from optuna.trial import TrialState
 
 from edgeslim.objectives import (DEVICES_DIR, FinetuneConfig, batches, build_artifact, evaluate_accuracy,
-                                 extract_kernels, finetune_, load_device, measure_latency, sample_inputs)
+                                 finetune_, measure_latency, sample_inputs)
 from edgeslim.objectives._energy import estimate_energy
-from edgeslim.objectives._kernels import io_bytes
 from edgeslim.search._front import baseline_trial, trial_record, _deltas
 from edgeslim.search._pick import SLO, misses
 from edgeslim.search._spec import StudySpec, _from_table
+from edgeslim.search._study import spec_device
 from edgeslim.search._workloads import load_workload
 from edgeslim.spaces import CompressionSpace, Plan, SpecError, layer_bits
 
@@ -144,7 +144,7 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
     workload = load_workload(spec, study_dir, log)
     if study.user_attrs.get("base_model_hash") not in (None, workload.model_hash):
         raise SpecError("the base model changed since the search; exporting would not reproduce the trial")
-    profile = load_device(spec.device.name, spec.device.threads if spec.device.name == "local" else None, devices_dir)
+    profile = spec_device(spec, devices_dir)
     space = CompressionSpace.build(workload.model, workload.example_input, spec.space.rule_set())
     plan = Plan.from_dict(trial.user_attrs["plan"])
     torch.manual_seed(spec.seed)
@@ -166,8 +166,7 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
     lat = measure_latency(artifact, tuple(workload.example_input.shape), threads=profile.threads, seed=spec.seed)
     predicted = None
     if profile.predicts_latency:
-        kernels = extract_kernels(model, workload.example_input)
-        predicted = profile.latency_model.predict(kernels, io_bytes(kernels, workload.example_input))
+        predicted = profile.latency_model.predict_module(model, workload.example_input)[:2]
     energy = estimate_energy(model, workload.example_input, lat.p50_ms, profile.energy)
     base_t = baseline_trial(study)
     base = trial_record(base_t, names) if base_t else {}

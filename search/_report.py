@@ -136,7 +136,7 @@ def write_report(data: ReportData, path: Path) -> Path:
         fig = make_subplots(rows=1, cols=len(others), subplot_titles=[LABELS.get(n, n) for n in others])
         for i, n in enumerate(others, start=1):
             rest = [p for p in data.points if not p["front"]]
-            front = sorted((p for p in data.points if p["front"]), key=lambda p: p[n])
+            front = [p for p in data.points if p["front"]]
             base = [p for p in data.points if p["trial"] == data.baseline_trial]
             presets = [p for p in data.points if p["preset"] and p["preset"] != "dense"]
             show = i == 1

@@ -17,8 +17,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from edgeslim.objectives import (DEVICES_DIR, OBJECTIVES, Candidate, EvalContext, FinetuneConfig, Objective,
-                                 load_device)
+from edgeslim.objectives import (DEVICES_DIR, OBJECTIVES, Candidate, DeviceProfile, EvalContext, FinetuneConfig,
+                                 Objective, load_device)
 from edgeslim.search._front import front_entries, write_front
 from edgeslim.search._progress import Progress
 from edgeslim.search._spec import StudySpec, spec_fingerprint
@@ -84,6 +84,12 @@ def _ordered(names: list[str]) -> list[Objective]:
     """Objectives in evaluation order (dependencies first), keeping the spec's order otherwise."""
     objs = [OBJECTIVES[n]() for n in names]
     return sorted(objs, key=lambda o: len(o.requires))
+
+
+def spec_device(spec: StudySpec, devices_dir: Path = DEVICES_DIR) -> DeviceProfile:
+    """The device profile a spec names; ``[device] threads`` applies to ``local`` only, since a
+    calibrated profile carries the thread count it was measured with."""
+    return load_device(spec.device.name, spec.device.threads if spec.device.name == "local" else None, devices_dir)
 
 
 def _open_study(spec: StudySpec, objectives: list[str], workload: Workload) -> optuna.Study:
@@ -171,8 +177,7 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out_dir = spec.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    profile = load_device(spec.device.name, spec.device.threads if spec.device.name == "local" else None,
-                          devices_dir)
+    profile = spec_device(spec, devices_dir)
     workload = load_workload(spec, out_dir, say)
     space = CompressionSpace.build(workload.model, workload.example_input, spec.space.rule_set())
     objectives = _ordered(spec.objectives)
