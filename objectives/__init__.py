@@ -15,7 +15,7 @@ from edgeslim.objectives._data import batches, sample_inputs
 from edgeslim.objectives._device import (DEVICES_DIR, DeviceProfile, EnergyConstants, ProfileError, known_devices,
                                          load_device)
 from edgeslim.objectives._energy import EnergyBreakdown, EnergyObjective, estimate_energy
-from edgeslim.objectives._export import LatencyStats, build_artifact, export_onnx, measure_latency, quantize_onnx
+from edgeslim.objectives._export import RUNTIME_KERNELS, LatencyStats, build_artifact, export_onnx, measure_latency, quantize_onnx
 from edgeslim.objectives._kernels import Kernel, extract_kernels, kernel_type
 from edgeslim.objectives._latency import LatencyObjective
 from edgeslim.objectives._latency_model import LatencyModel
@@ -29,7 +29,7 @@ __all__ = sorted([
     "DEVICES_DIR", "Kernel", "LatencyModel", "ProfileError", "extract_kernels", "kernel_type", "known_devices",
     "load_device", "AccuracyObjective", "Candidate", "DataSplits", "DeviceProfile", "EnergyBreakdown",
     "EnergyConstants", "EnergyObjective", "EvalContext", "FinetuneConfig", "LatencyObjective",
-    "LatencyStats", "OBJECTIVES", "Objective", "SizeObjective", "batches", "build_artifact",
+    "LatencyStats", "OBJECTIVES", "RUNTIME_KERNELS", "Objective", "SizeObjective", "batches", "build_artifact",
     "estimate_energy", "evaluate_accuracy", "export_onnx", "finetune_", "measure_latency",
     "model_size_bytes", "quantize_onnx", "sample_inputs",
 ])

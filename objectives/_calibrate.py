@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeslim.objectives import _runner
 from edgeslim.objectives._kernels import Kernel
 from edgeslim.objectives._latency_model import LatencyModel
+from edgeslim.spaces import NBITS_BLOCK
 
 __all__ = ["CalibrationResult", "MODES", "KERNEL_TYPES", "calibrate", "fit_measurements", "micro_model",
            "write_kit", "design"]
@@ -53,7 +54,8 @@ def micro_model(k: Kernel, seed: int = 0) -> onnx.ModelProto:
 
     Conv and Gemm carry their fused ReLU; int8/int4 variants are QDQ graphs (Quantize →
     Dequantize → op with dequantized int weights and int32 bias → Quantize → Dequantize), which
-    ONNX Runtime fuses into QLinearConv / QGemm for int8; ``add`` is Add + ReLU.
+    ONNX Runtime fuses into QLinearConv / QGemm for int8; a 4-bit Gemm is MatMulNBits + bias Add
+    + ReLU, as export writes a 4-bit Linear; ``add`` is Add + ReLU.
 
     Example:
         >>> m = micro_model(Kernel("conv", 8, cin=8, cout=16, k=3, h=8, w=8, ho=8, wo=8))
@@ -64,9 +66,19 @@ def micro_model(k: Kernel, seed: int = 0) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     f32 = TensorProto.FLOAT
-    if k.op in ("conv", "gemm"):
-        x_shape = [1, k.cin, k.h, k.w] if k.op == "conv" else [1, k.cin]
-        y_shape = [1, k.cout, k.ho, k.wo] if k.op == "conv" else [1, k.cout]
+    if k.weight_only:  # what export makes of a 4-bit Linear: MatMulNBits, then the bias Add
+        rows, blocks = k.ho * k.wo, -(-k.cin // NBITS_BLOCK)
+        packed = rng.integers(0, 256, (k.cout, blocks, NBITS_BLOCK // 2)).astype(np.uint8)
+        inits += [_tensor("wq", packed), _tensor("ws", (rng.random((k.cout, blocks)) * 0.02 + 0.001).astype(np.float32)),
+                  _tensor("b", (rng.standard_normal(k.cout) * 0.1).astype(np.float32))]
+        nodes += [helper.make_node("MatMulNBits", ["x", "wq", "ws"], ["y"], domain="com.microsoft",
+                                   K=k.cin, N=k.cout, bits=4, block_size=NBITS_BLOCK, accuracy_level=4),
+                  helper.make_node("Add", ["y", "b"], ["y2"]), helper.make_node("Relu", ["y2"], ["out"])]
+        inputs = [helper.make_tensor_value_info("x", f32, [rows, k.cin])]
+        y_shape = [rows, k.cout]
+    elif k.op in ("conv", "gemm"):
+        x_shape = [1, k.cin, k.h, k.w] if k.op == "conv" else [k.ho * k.wo, k.cin]
+        y_shape = [1, k.cout, k.ho, k.wo] if k.op == "conv" else [k.ho * k.wo, k.cout]
         w_shape = [k.cout, k.cin // k.groups, k.k, k.k] if k.op == "conv" else [k.cout, k.cin]
         w = rng.standard_normal(w_shape).astype(np.float32) * 0.1
         b = rng.standard_normal(k.cout).astype(np.float32) * 0.1
@@ -131,7 +143,8 @@ def micro_model(k: Kernel, seed: int = 0) -> onnx.ModelProto:
         raise ValueError(f"no micro-model for kernel op {k.op!r}")
     graph = helper.make_graph(nodes, f"edgeslim_{k.op}", inputs,
                               [helper.make_tensor_value_info("out", f32, y_shape)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if k.weight_only else [])
+    model = helper.make_model(graph, opset_imports=opsets,
                               producer_name="edgeslim-calibrate")
     model.ir_version = IR_VERSION
     return model
@@ -351,9 +364,9 @@ def fit_energy(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], source
     for k, m in zip(kernels, meas):
         if "energy_mj" not in m:
             continue
-        act = 1 if k.bits <= 8 else 4
-        moved = k.weight_elems * k.bits / 8 + act * (k.in_elems + k.out_elems)
-        rows.append([k.macs * (k.bits == 32), k.macs * (k.bits == 8), k.macs * (k.bits == 4), moved,
+        moved = k.weight_elems * k.bits / 8 + k.act_bytes * (k.in_elems + k.out_elems)
+        cb = k.compute_bits
+        rows.append([k.macs * (cb == 32), k.macs * (cb == 8), k.macs * (cb == 4), moved,
                      m["p50_ms"]])
         target.append(m["energy_mj"])
     if len(rows) < 10:

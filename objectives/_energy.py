@@ -10,7 +10,7 @@ from torch import nn
 
 from edgeslim.objectives._base import Candidate, EvalContext, Objective
 from edgeslim.objectives._device import EnergyConstants
-from edgeslim.spaces import dequantized_copy, inventory, layer_bits
+from edgeslim.spaces import QuantizedLayer, dequantized_copy, inventory, layer_bits
 
 __all__ = ["EnergyBreakdown", "EnergyObjective", "estimate_energy"]
 
@@ -40,7 +40,8 @@ def estimate_energy(model: nn.Module, example_input: torch.Tensor, latency_ms: f
     + static power × latency.
 
     Bytes moved per layer: its weights at their bit-width, plus its input and output
-    activations (1 byte per element when the layer runs in int8, else 4). Elementwise ops,
+    activations (1 byte per element when the layer runs in int8, else 4). A 4-bit Linear runs
+    as MatMulNBits: 4-bit weights, int8 MACs, fp32 input and output. Elementwise ops,
     pooling and BatchNorm are left out: they fold into neighbours or are negligible next to
     the convolutions.
 
@@ -50,14 +51,16 @@ def estimate_energy(model: nn.Module, example_input: torch.Tensor, latency_ms: f
         36.8
     """
     bits = layer_bits(model)
+    weight_only = {name for name, m in model.named_modules() if isinstance(m, QuantizedLayer) and m.weight_only}
     compute_pj = memory_pj = 0.0
     for layer in inventory(dequantized_copy(model), example_input):
         b = bits.get(layer.name, 32)
-        act_bytes = 1 if b <= 8 else 4
+        # a 4-bit Linear (MatMulNBits) reads and writes fp32 activations and computes in int8
+        compute_bits, act_bytes = (8, 4) if layer.name in weight_only else (b, 1 if b <= 8 else 4)
         weight_elems = layer.params
         moved = (math.ceil(weight_elems * b / 8) + act_bytes * (math.prod(layer.in_shape)
                                                                  + math.prod(layer.out_shape)))
-        compute_pj += layer.macs * constants.mac_pj(b)
+        compute_pj += layer.macs * constants.mac_pj(compute_bits)
         memory_pj += moved * constants.byte_pj
     return EnergyBreakdown(compute_pj * 1e-9, memory_pj * 1e-9, constants.static_w * latency_ms)
 

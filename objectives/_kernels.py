@@ -80,9 +80,24 @@ class Kernel:
             return self.cin * self.cout
         return 0
 
+    @property
+    def weight_only(self) -> bool:
+        """A 4-bit Linear: ONNX Runtime's MatMulNBits, 4-bit weights, float input and output."""
+        return self.op == "gemm" and self.bits == 4
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes per activation element the kernel reads and writes (1 in int8 kernels)."""
+        return 1 if self.bits <= 8 and not self.weight_only else 4
+
+    @property
+    def compute_bits(self) -> int:
+        """Width of the multiply-accumulates (MatMulNBits quantizes its input to int8 and computes in int8)."""
+        return 8 if self.weight_only else self.bits
+
     def features(self) -> list[float]:
         """The regressor's feature vector (order: ``KERNEL_FEATURES``)."""
-        act_bytes = 1 if self.bits <= 8 else 4
+        act_bytes = self.act_bytes
         return [
             math.log2(self.macs + 1), math.log2(self.in_elems * act_bytes + 1),
             math.log2(self.out_elems * act_bytes + 1), math.log2(self.weight_elems * self.bits / 8 + 1),

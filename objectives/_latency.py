@@ -22,7 +22,8 @@ class LatencyObjective(Objective):
     profile's latency model (well under a millisecond per candidate).
 
     Records ``latency_p95_ms``, ``latency_runs``, ``latency_method``, ``artifact_bytes`` (the
-    ONNX file's size) and ``runtime_bits`` (the bits each layer really runs at).
+    ONNX file's size), ``runtime_bits`` (the bits each layer really runs at) and
+    ``runtime_kernels`` (the kernel each layer runs as, see ``RUNTIME_KERNELS``).
 
     Example:
         >>> LatencyObjective.direction
@@ -38,7 +39,7 @@ class LatencyObjective(Objective):
             return self._predict(candidate, ctx)
         calib = [t.numpy().astype(np.float32)
                  for t in sample_inputs(ctx.data.train, CALIBRATION_SAMPLES, ctx.seed)]
-        path, runtime_bits = build_artifact(candidate.model, ctx.example_input,
+        path, runtime_bits, runtime_kernels = build_artifact(candidate.model, ctx.example_input,
                                             layer_bits(candidate.model), calib, ctx.workdir)
         stats = measure_latency(path, tuple(ctx.example_input.shape), threads=ctx.device.threads,
                                 seed=ctx.seed)
@@ -49,6 +50,7 @@ class LatencyObjective(Objective):
                            f"median of {stats.runs} runs",
             artifact_bytes=path.stat().st_size,
             runtime_bits=runtime_bits,
+            runtime_kernels=runtime_kernels,
         )
         return stats.p50_ms
 

@@ -7,7 +7,7 @@ import math
 from torch import nn
 
 from edgeslim.objectives._base import Candidate, EvalContext, Objective
-from edgeslim.spaces import QuantizedLayer
+from edgeslim.spaces import NBITS_BLOCK, QuantizedLayer
 
 __all__ = ["SizeObjective", "model_size_bytes"]
 
@@ -20,6 +20,9 @@ def model_size_bytes(model: nn.Module) -> int:
 
     - quantized weight: ``ceil(numel * bits / 8)`` plus, per output channel, one fp32 scale
       and one zero point at the weight's width (``ceil(out * bits / 8)``), as ONNX QDQ stores them;
+    - 4-bit Linear (weight-only, ONNX Runtime MatMulNBits): the weight padded to whole blocks
+      of ``NBITS_BLOCK`` input features, two 4-bit values per byte, plus one fp32 scale per
+      block (symmetric: no zero points stored);
     - quantized input and output activations: one fp32 scale + one uint8 zero point each;
     - everything else (biases, unquantized weights, BatchNorm parameters and running
       statistics): at its own dtype size. Integer buffers (BatchNorm's step counter) and the
@@ -30,6 +33,8 @@ def model_size_bytes(model: nn.Module) -> int:
         40
         >>> model_size_bytes(QuantizedLayer(nn.Linear(4, 2), 8))  # 8 + 2*4 + 2 + 2*5 + 2*4 (bias)
         36
+        >>> model_size_bytes(QuantizedLayer(nn.Linear(40, 2), 4))  # 2 rows * 2 blocks * (16 + 4) + 2*4
+        88
     """
     total = 0
     skip: set[int] = set()
@@ -37,11 +42,15 @@ def model_size_bytes(model: nn.Module) -> int:
         if isinstance(module, QuantizedLayer):
             w = module.layer.weight
             out = w.shape[0]
+            skip.add(id(w))
+            if module.weight_only:
+                blocks = out * math.ceil(w.shape[1] / NBITS_BLOCK)
+                total += blocks * (NBITS_BLOCK // 2 + FLOAT_BYTES)
+                continue
             total += math.ceil(w.numel() * module.bits / 8) + out * FLOAT_BYTES
             total += math.ceil(out * module.bits / 8)
             if module.quantize_input:
                 total += 2 * ACT_QPARAM_BYTES  # input and output activations
-            skip.add(id(w))
             continue
         for buf in module.buffers(recurse=False):
             if buf.is_floating_point():

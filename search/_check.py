@@ -113,7 +113,7 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                     model(x)  # settle activation observers of quantized layers
                 predicted, _, _ = profile.latency_model.predict_module(model, x)
                 calib = [np.random.default_rng(j).standard_normal(shape).astype(np.float32) for j in range(4)]
-                path, _ = build_artifact(model, x, layer_bits(model), calib, Path(tmp), stem=f"{w}-{i}")
+                path, _, _ = build_artifact(model, x, layer_bits(model), calib, Path(tmp), stem=f"{w}-{i}")
                 measured = measure_latency(path, shape, threads=threads or profile.threads, budget_s=0.5, min_runs=20).p50_ms
                 rows.append(CheckRow(w, plan.summary(), predicted, measured))
                 if progress:

@@ -17,7 +17,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from edgeslim.objectives import (DEVICES_DIR, FinetuneConfig, batches, build_artifact, evaluate_accuracy,
+from edgeslim.objectives import (DEVICES_DIR, RUNTIME_KERNELS, FinetuneConfig, batches, build_artifact, evaluate_accuracy,
                                  finetune_, measure_latency, sample_inputs)
 from edgeslim.objectives._energy import estimate_energy
 from edgeslim.search._front import baseline_trial, trial_record, _deltas
@@ -156,7 +156,7 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
     calib = [t.numpy().astype(np.float32) for t in sample_inputs(workload.data.train, 64, spec.seed)]
     folder = _next_version(study_dir)
     with tempfile.TemporaryDirectory(prefix="edgeslim-export-") as tmp:
-        path, runtime_bits = build_artifact(model, workload.example_input, layer_bits(model), calib, Path(tmp))
+        path, runtime_bits, runtime_kernels = build_artifact(model, workload.example_input, layer_bits(model), calib, Path(tmp))
         shutil.copyfile(path, folder / "model.onnx")
     artifact = folder / "model.onnx"
     acc, per_class, ort_pred = _ort_accuracy(artifact, workload.data, workload.data.num_classes)
@@ -196,7 +196,8 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
                    profile.predicts_latency else "measured locally", "energy": "fitted to a power meter"
                    if profile.energy.measured else "estimated from published constants",
                    "int8_reduce_range": profile.int8_reduce_range},
-        "plan": plan.to_dict(), "runtime_bits": runtime_bits, "finetune_steps": steps, "seed": spec.seed,
+        "plan": plan.to_dict(), "runtime_bits": runtime_bits,
+        "runtime_kernels": {n: RUNTIME_KERNELS[k] for n, k in runtime_kernels.items()}, "finetune_steps": steps, "seed": spec.seed,
         "artifact": {"file": "model.onnx", "sha256_16": _sha(artifact), "bytes": artifact.stat().st_size,
                      "accuracy": acc, "per_class_accuracy": per_class, "torch_accuracy": torch_acc,
                      "torch_onnx_top1_agreement": agreement, "latency_p50_ms": lat.p50_ms,
@@ -232,8 +233,9 @@ def render_card(card: dict[str, Any]) -> str:
     base_pc = b.get("per_class_accuracy") or [float("nan")] * len(classes)
     per_class = "\n".join(f"| {c} | {x:.4f} | {y:.4f} | {100 * (y - x):+.2f} |"
                           for c, x, y in zip(classes, a["per_class_accuracy"], base_pc))
-    layers = "\n".join(f"| {n} | {lp['rank']} | {lp['bits']} | {card['runtime_bits'].get(n, lp['bits'])} |"
-                       for n, lp in card["plan"]["layers"].items())
+    kernels = card.get("runtime_kernels", {})
+    layers = "\n".join(f"| {n} | {lp['rank']} | {lp['bits']} | {card['runtime_bits'].get(n, lp['bits'])} | "
+                       f"{kernels.get(n, '')} |" for n, lp in card["plan"]["layers"].items())
     groups = ", ".join(f"{g}: {s:.2f}" for g, s in card["plan"]["groups"].items()) or "none"
     pred = a.get("latency_predicted_ms")
     flags = "\n".join(f"- {f}" for f in card["flags"]) or "- none"
@@ -262,8 +264,8 @@ Predicted latency (profile): {pred if pred else 'n/a (measured locally)'}.
 ## Plan
 Channel sparsity per pruning group: {groups}
 
-| layer | rank ratio | planned bits | bits in the artifact |
-|---|---|---|---|
+| layer | rank ratio | planned bits | bits in the artifact | runs as |
+|---|---|---|---|---|
 {layers}
 
 ## Flags

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QuantizedLayer", "quantize_weight", "dequantized_copy", "layer_bits", "weight_qmax"]
+__all__ = ["QuantizedLayer", "quantize_weight", "quantize_weight_blockwise", "quantize_input_blockwise",
+           "dequantized_copy", "layer_bits", "weight_qmax", "NBITS_BLOCK"]
 
 ACT_QMIN, ACT_QMAX = 0, 255  # activations: per-tensor asymmetric uint8 (U8S8, the fast x86 path)
+NBITS_BLOCK = 32  # 4-bit Linear weights: one scale per 32 input features (ONNX Runtime MatMulNBits)
 
 
 def weight_qmax(bits: int, reduce_range: bool = False) -> int:
@@ -45,12 +47,61 @@ def quantize_weight(weight: torch.Tensor, bits: int, reduce_range: bool = False)
     return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -qmax, qmax)
 
 
+def quantize_weight_blockwise(weight: torch.Tensor, block: int = NBITS_BLOCK) -> torch.Tensor:
+    """Block-wise symmetric 4-bit fake quantization of a Linear weight ``[out, in]`` (STE gradient).
+
+    Each run of ``block`` input features of one output row gets its own scale: the block's
+    value of largest magnitude, sign kept, divided by -8, so that value lands on level -8 and
+    the others on ``round(w / scale)`` clipped to [-8, 7]. This is the rule of ONNX Runtime's
+    MatMulNBits quantizer (symmetric, zero point 8), so the exported 4-bit MatMul computes
+    with exactly these weights.
+
+    Example:
+        >>> w = torch.tensor([[0.8, -0.3, 0.05]])
+        >>> quantize_weight_blockwise(w).tolist()  # scale -0.1: levels -8, 3, 0 (-0.5 rounds to even)
+        [[0.800000011920929, -0.30000001192092896, 0.0]]
+    """
+    out, k = weight.shape
+    pad = (-k) % block
+    w = F.pad(weight, (0, pad)).reshape(out, -1, block)
+    wd = w.detach()
+    idx = wd.abs().argmax(dim=2, keepdim=True)
+    scale = torch.gather(wd, 2, idx) / -8.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(wd / scale), -8, 7) * scale
+    snapped = q.reshape(out, -1)[:, :k]
+    return weight + (snapped - weight).detach()
+
+
+def quantize_input_blockwise(x: torch.Tensor, block: int = NBITS_BLOCK) -> torch.Tensor:
+    """Dynamic symmetric int8 quantization of ``x`` in blocks of ``block`` along its last axis (STE).
+
+    This is what ONNX Runtime's MatMulNBits does to its input at ``accuracy_level=4`` (int8
+    compute, the fast path on x86 and ARM): each block of one row is scaled by its largest
+    magnitude / 127 and rounded.
+
+    Example:
+        >>> quantize_input_blockwise(torch.tensor([[1.27, 0.004, -0.5]])).tolist()
+        [[1.2699999809265137, 0.0, -0.5]]
+    """
+    k = x.shape[-1]
+    pad = (-k) % block
+    xb = F.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block)
+    xd = xb.detach()
+    scale = xd.abs().amax(dim=-1, keepdim=True) / 127.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    snapped = (torch.clamp(torch.round(xd / scale), -127, 127) * scale).reshape(*x.shape[:-1], -1)[..., :k]
+    return x + (snapped - x).detach()
+
+
 class QuantizedLayer(nn.Module):
     """A Conv1d/Conv2d/Linear computing with fake-quantized weights (and int8 inputs/outputs).
 
     Weights: per-output-channel symmetric at ``bits``. Inputs and outputs (when ``bits <= 8``):
     per-tensor asymmetric uint8, as ONNX Runtime's QDQ graphs quantize both sides of a
-    QLinearConv/QGemm. Ranges are tracked as a moving average of batch min/max while training
+    QLinearConv/QGemm. A 4-bit Linear follows ONNX Runtime's MatMulNBits instead
+    (``weight_only``): block-wise 4-bit weights, no activation observers, and its input
+    quantized on the fly to int8 per block of 32 (the kernel's int8-compute mode). Ranges are tracked as a moving average of batch min/max while training
     and frozen in eval mode (PyTorch's MovingAverageMinMaxObserver behaviour); export hands
     these very scales to ONNX Runtime so the artifact computes what was fine-tuned.
 
@@ -66,7 +117,8 @@ class QuantizedLayer(nn.Module):
         self.bits = bits
         self.reduce_range = reduce_range
         self.momentum = momentum
-        self.quantize_input = bits <= 8
+        self.weight_only = bits == 4 and isinstance(layer, nn.Linear)
+        self.quantize_input = bits <= 8 and not self.weight_only
         self.register_buffer("act_min", torch.tensor(0.0))
         self.register_buffer("act_max", torch.tensor(0.0))
         self.register_buffer("out_min", torch.tensor(0.0))
@@ -102,13 +154,21 @@ class QuantizedLayer(nn.Module):
         """(scale, zero_point) of the output activation quantizer."""
         return self._qparams(self.out_min, self.out_max)
 
+    def fake_weight(self) -> torch.Tensor:
+        """The weight as the runtime stores it (grid-snapped), with a straight-through gradient."""
+        if self.weight_only:
+            return quantize_weight_blockwise(self.layer.weight)
+        return quantize_weight(self.layer.weight, self.bits, self.reduce_range)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_only:
+            x = quantize_input_blockwise(x)
         if self.quantize_input:
             if self.training or self.calibrating or not bool(self.observed):
                 self._observe(x, self.act_min, self.act_max, self.observed)
             scale, zero = self.act_qparams()
             x = torch.fake_quantize_per_tensor_affine(x, scale, zero, ACT_QMIN, ACT_QMAX)
-        w = quantize_weight(self.layer.weight, self.bits, self.reduce_range)
+        w = self.fake_weight()
         if isinstance(self.layer, nn.Linear):
             y = F.linear(x, w, self.layer.bias)
         else:
@@ -137,7 +197,7 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
         if isinstance(module, QuantizedLayer):
             plain = module.layer
             with torch.no_grad():
-                plain.weight.copy_(quantize_weight(plain.weight, module.bits, module.reduce_range))
+                plain.weight.copy_(module.fake_weight())
             if not name:  # the model itself is one quantized layer
                 return plain
             _set_submodule(out, name, plain)

@@ -105,7 +105,7 @@ def test_int8_fake_quant_agrees_with_onnx_runtime(trained_digits, sparsity):
     candidate = space.realize(model, space.uniform_plan(sparsity=sparsity, bits=8), reduce_range=True)
     finetune_(candidate, data, FinetuneConfig(steps=40, lr=2e-3), 0)
     calib = [t.numpy() for t in sample_inputs(data.train, 16)]
-    path, got = build_artifact(candidate, x, layer_bits(candidate), calib, Path(tempfile.mkdtemp()))
+    path, got, how = build_artifact(candidate, x, layer_bits(candidate), calib, Path(tempfile.mkdtemp()))
     assert set(got.values()) == {8}
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     xs, _ = data.val.tensors
@@ -113,6 +113,69 @@ def test_int8_fake_quant_agrees_with_onnx_runtime(trained_digits, sparsity):
         torch_pred = candidate(xs).argmax(1).numpy()
     onnx_pred = np.array([sess.run(None, {"input": xs[i:i + 1].numpy()})[0].argmax() for i in range(len(xs))])
     assert (torch_pred == onnx_pred).mean() >= 0.99
+
+
+def test_4bit_linear_exports_as_matmulnbits_with_torch_parity():
+    """4-bit Linear layers (2-D and 3-D inputs, low-rank halves too) become MatMulNBits and compute
+    what the torch candidate computes; the size objective counts exactly the stored tensors."""
+    from edgeslim.objectives import model_size_bytes
+
+    torch.manual_seed(0)
+    model, x = TinyTransformer().eval(), torch.randn(1, 8, 16)
+    space = CompressionSpace.build(model, x)
+    candidate = space.realize(model, space.uniform_plan(sparsity=0.25, rank=0.5, bits=4)).eval()
+    path, got, how = build_artifact(candidate, x, layer_bits(candidate), [x.numpy()], Path(tempfile.mkdtemp()))
+    assert set(got.values()) == {4} and set(how.values()) == {"int4-matmulnbits"}
+    graph = __import__("onnx").load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == len(got) and "Gemm" not in ops
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seed in range(5):
+        xi = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            ref = candidate(xi).numpy()
+        out = sess.run(None, {sess.get_inputs()[0].name: xi.numpy()})[0]
+        assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    weights = sum(len(t.raw_data) for t in graph.initializer
+                  if t.name.endswith(("_Q4", "_scales")) or t.name.endswith(".bias"))
+    linear_bytes = sum(len(t.raw_data) for t in graph.initializer if t.name.endswith(("_Q4", "_scales")))
+    expected = sum(m.out_features * math.ceil(m.in_features / 32) * (16 + 4)
+                   for m in candidate.modules() if isinstance(m, nn.Linear))
+    assert linear_bytes == expected
+    assert model_size_bytes(candidate) <= weights + sum(
+        p.numel() * 4 for n, p in candidate.named_parameters() if "norm" in n)
+
+
+def test_int8_linear_on_3d_inputs_is_quantized():
+    """The exporter renames the transposed weights of 3-D Linear inputs; they are still found."""
+    torch.manual_seed(0)
+    model, x = TinyTransformer().eval(), torch.randn(1, 8, 16)
+    space = CompressionSpace.build(model, x)
+    candidate = space.realize(model, space.uniform_plan(bits=8), reduce_range=True)  # this CPU has no VNNI
+    candidate.train()
+    for _ in range(10):
+        candidate(torch.randn(16, 8, 16))
+    candidate.eval()
+    path, got, how = build_artifact(candidate, x, layer_bits(candidate), [x.numpy()], Path(tempfile.mkdtemp()))
+    assert set(got.values()) == {8} and set(how.values()) == {"int8"}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = candidate(x).numpy()
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(out - ref).max() <= 0.02 * float(np.abs(ref).max())
+
+
+def test_4bit_conv_is_recorded_as_dequantized():
+    """ONNX Runtime's CPU provider has no int4 Conv kernel: the artifact says so per layer."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    space = CompressionSpace.build(model, x)
+    candidate = space.realize(model, space.uniform_plan(bits=4))
+    candidate.train()
+    candidate(torch.randn(8, 1, 8, 8))  # the conv's activation observers need one batch
+    candidate.eval()
+    _, got, how = build_artifact(candidate, x, layer_bits(candidate), [x.numpy()], Path(tempfile.mkdtemp()))
+    assert how == {"0": "int4-qdq", "3": "int4-matmulnbits"} and got == {"0": 4, "3": 4}
 
 
 FRONT = [

@@ -20,13 +20,14 @@ from edgeslim.spaces import CompressionSpace, LayerPlan, Plan, QuantizedLayer, l
 
 
 def test_size_matches_hand_count():
-    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), QuantizedLayer(nn.Linear(10, 6), 4),
-                      QuantizedLayer(nn.Linear(6, 5, bias=False), 8))
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), QuantizedLayer(nn.Conv2d(8, 6, 1), 4),
+                      QuantizedLayer(nn.Linear(40, 6), 4), QuantizedLayer(nn.Linear(6, 5, bias=False), 8))
     conv = (8 * 3 * 9 + 8) * 4
     bn = (8 + 8 + 8 + 8) * 4  # weight, bias, running mean, running var (num_batches_tracked is an int)
-    q4 = math.ceil(60 * 4 / 8) + 6 * 4 + math.ceil(6 * 4 / 8) + 2 * 5 + 6 * 4  # w, scales, zero points, in/out act qparams, bias
+    q4conv = math.ceil(48 * 4 / 8) + 6 * 4 + math.ceil(6 * 4 / 8) + 2 * 5 + 6 * 4  # w, scales, zero points, in/out act qparams, bias
+    q4linear = 6 * 2 * (16 + 4) + 6 * 4  # 6 rows x 2 blocks of 32 (40 padded to 64): 16 packed bytes + fp32 scale; bias
     q8 = 30 + 5 * 4 + 5 + 2 * 5
-    assert model_size_bytes(m) == conv + bn + q4 + q8
+    assert model_size_bytes(m) == conv + bn + q4conv + q4linear + q8
 
 
 def test_size_shrinks_with_pruning_and_bits(tiny, example):
@@ -79,7 +80,7 @@ def test_quantized_artifact_runs_int8_and_int4(tiny, example, digits):
     model(torch.randn(16, 1, 8, 8))
     model.eval()
     calib = [np.random.default_rng(i).standard_normal((1, 1, 8, 8)).astype(np.float32) for i in range(8)]
-    path, got = build_artifact(model, example, layer_bits(model), calib, _tmp_path())
+    path, got, _ = build_artifact(model, example, layer_bits(model), calib, _tmp_path())
     assert got["conv1"] == 8 and got["fc1"] == 4 and got["stem"] == 32
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
