@@ -267,8 +267,9 @@ def io_kernels() -> list[Kernel]:
     return [Kernel("io", cin=n, cout=n) for n in IO_SIZES]
 
 
-def _fit(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], device: str) -> LatencyModel:
-    return LatencyModel(device=device).fit(kernels, meas)
+def _fit(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], device: str,
+         select: bool = False) -> LatencyModel:
+    return LatencyModel(device=device).fit(kernels, meas, select=select)
 
 
 def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
@@ -309,7 +310,8 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
             nm = _measure(nb, threads, work, len(kernels) + len(val), tick, energy_reader)
             kernels += val + nb
             meas += vm + nm
-            model = _fit(kernels, meas, device)
+            # full mode chooses each type's regressor by cross-validation (about a minute of fitting)
+            model = _fit(kernels, meas, device, select=mode == "full" and r == rounds - 1)
     return CalibrationResult(kernels, meas, model, history)
 
 
@@ -347,7 +349,7 @@ def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
         if missing:
             raise ValueError(f"measurements.entries[{i}] lacks {missing}; re-run the kit's run_kit.py")
     meas = [{k: e[k] for k in keys} for e in entries]
-    return CalibrationResult(kernels, meas, _fit(kernels, meas, device), [])
+    return CalibrationResult(kernels, meas, _fit(kernels, meas, device, select=True), [])
 
 
 def fit_energy(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], source: str) -> Any:

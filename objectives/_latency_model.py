@@ -103,6 +103,12 @@ class TreeEnsemble:
                    np.array(d["right"], dtype=np.int64), np.array(d["value"], dtype=float), int(d["depth"]))
 
 
+def _linear_terms(x: np.ndarray, kernels: Sequence[Kernel]) -> np.ndarray:
+    """Work terms a kernel's time is a non-negative sum of: fixed, MACs, bytes in, out, weights."""
+    return np.array([[1.0, k.macs, k.in_elems * k.act_bytes, k.out_elems * k.act_bytes,
+                      k.weight_elems * k.bits / 8] for k in kernels], dtype=float)
+
+
 @dataclasses.dataclass
 class _TypeModel:
     coef: np.ndarray
@@ -112,10 +118,13 @@ class _TypeModel:
     trees: TreeEnsemble | None
     p95_ratio: float
     n: int
+    lin: np.ndarray | None = None  # ms per unit of each linear term (None: pure log-space model)
 
-    def predict_log(self, x: np.ndarray) -> np.ndarray:
+    def predict_log(self, x: np.ndarray, terms: np.ndarray | None = None) -> np.ndarray:
         z = (x - self.mean) / self.scale
         out = z @ self.coef + self.intercept
+        if self.lin is not None and terms is not None:
+            out = out + np.log(np.maximum(terms @ self.lin, MIN_KERNEL_MS))
         if self.trees is not None:
             out = out + self.trees.predict(x)
         return out
@@ -147,14 +156,19 @@ class LatencyModel:
         self.learning_rate = learning_rate
         self.seed = seed
 
-    def fit(self, kernels: Sequence[Kernel], measurements: Sequence[Mapping[str, float]]) -> LatencyModel:
+    def fit(self, kernels: Sequence[Kernel], measurements: Sequence[Mapping[str, float]],
+            select: bool = False) -> LatencyModel:
         """Fit from micro-model measurements; returns ``self``.
 
         Each measurement has end-to-end ``p50_ms``/``p95_ms`` and ``io_bytes`` (graph inputs
         plus outputs). Kernels of op ``io`` are Identity models of several sizes: they fit the
         per-inference overhead as a function of ``io_bytes`` (session dispatch, binding inputs,
         copying outputs out; interpolated on a log scale) that every single-kernel model pays once, and a whole network pays once
-        too. The other kernels' regressors learn ``log(p50 - overhead)``.
+        too. The other kernels' regressors learn ``log(p50 - overhead)``: a non-negative sum of
+        work terms (fixed cost, MACs, bytes in, out and of weights; costs per unit fitted by
+        relative non-negative least squares) corrected by ridge and boosted trees on the log
+        residual. With ``select`` each type's configuration (with or without the work terms,
+        how many trees) is chosen by 5-fold cross-validation; otherwise the default is used.
         """
         io = [m for k, m in zip(kernels, measurements) if k.op == "io"]
         if len(io) < 2:
@@ -168,12 +182,16 @@ class LatencyModel:
             if k.op != "io":
                 by_type.setdefault(kernel_type(k), []).append(i)
         self.types_: dict[str, _TypeModel] = {}
+        self.configs_: dict[str, tuple[bool, int, int]] = {}
         for t, idx in sorted(by_type.items()):
             x = np.array([kernels[i].features() for i in idx])
             y = np.array([max(measurements[i]["p50_ms"] - self._io_cost(measurements[i]["io_bytes"]), MIN_KERNEL_MS)
                           for i in idx])
             ratio = float(np.median([measurements[i]["p95_ms"] / measurements[i]["p50_ms"] for i in idx]))
-            self.types_[t] = self._fit_type(x, np.log(y), ratio)
+            terms = _linear_terms(x, [kernels[i] for i in idx])
+            config = self._select_config(x, np.log(y), terms) if select else self.CONFIGS[2]
+            self.types_[t] = self._fit_type(x, np.log(y), ratio, terms, config)
+            self.configs_[t] = config
         self._cache: dict[Kernel, tuple[float, float]] = {}
         return self
 
@@ -182,25 +200,58 @@ class LatencyModel:
         y = [p[1] for p in self.overhead_]
         return float(np.interp(math.log2(io_bytes + 1), x, y))
 
-    def _fit_type(self, x: np.ndarray, y: np.ndarray, ratio: float) -> _TypeModel:
+    # (linear work terms as the base, boosted trees, tree depth): candidates cross-validation picks from
+    CONFIGS: tuple[tuple[bool, int, int], ...] = ((True, 0, 0), (True, 60, 2), (True, 150, 3), (False, 150, 3),
+                                                  (False, 60, 2))
+
+    def _fit_type(self, x: np.ndarray, y: np.ndarray, ratio: float, terms: np.ndarray,
+                  config: tuple[bool, int, int] | None = None) -> _TypeModel:
+        use_lin, n_estimators, max_depth = config or (False, self.n_estimators, self.max_depth)
+        lin = None
+        target = y
+        if use_lin:
+            from scipy.optimize import nnls
+
+            # relative least squares (rows divided by the measured time), non-negative costs per unit
+            a = terms / np.exp(y)[:, None]
+            col = np.maximum(np.abs(a).max(axis=0), 1e-30)
+            c, _ = nnls(a / col, np.ones(len(y)))
+            lin = c / col
+            target = y - np.log(np.maximum(terms @ lin, MIN_KERNEL_MS))
         mean, scale = x.mean(axis=0), x.std(axis=0)
         scale = np.where(scale > 1e-9, scale, 1.0)
         z = (x - mean) / scale
-        intercept = float(y.mean())
+        intercept = float(target.mean())
         a = z.T @ z + self.ridge * len(y) * np.eye(z.shape[1])
-        coef = np.linalg.solve(a, z.T @ (y - intercept))
+        coef = np.linalg.solve(a, z.T @ (target - intercept))
         trees = None
-        if len(y) >= self.min_tree_points:
+        if n_estimators and len(y) >= self.min_tree_points:
             from sklearn.ensemble import GradientBoostingRegressor
 
-            resid = y - (z @ coef + intercept)
-            gbr = GradientBoostingRegressor(n_estimators=self.n_estimators, max_depth=self.max_depth,
+            resid = target - (z @ coef + intercept)
+            gbr = GradientBoostingRegressor(n_estimators=n_estimators, max_depth=max_depth,
                                             learning_rate=self.learning_rate, subsample=0.8,
                                             random_state=self.seed).fit(x, resid)
             trees = TreeEnsemble.from_sklearn(gbr)
             # the ensemble's starting value (the residuals' mean) rides on every leaf of tree 0
             trees.value[0] += float(np.ravel(getattr(gbr.init_, "constant_", [0.0]))[0])
-        return _TypeModel(coef, mean, scale, intercept, trees, ratio, len(y))
+        return _TypeModel(coef, mean, scale, intercept, trees, ratio, len(y), lin)
+
+    def _select_config(self, x: np.ndarray, y: np.ndarray, terms: np.ndarray, folds: int = 5) -> tuple[bool, int, int]:
+        """The config with the lowest cross-validated mean relative error on this type's points."""
+        rng = np.random.default_rng(self.seed)
+        fold = rng.permutation(len(y)) % folds
+        best, best_err = self.CONFIGS[0], math.inf
+        for config in self.CONFIGS:
+            errs = []
+            for f in range(folds):
+                tr, te = fold != f, fold == f
+                m = self._fit_type(x[tr], y[tr], 1.0, terms[tr], config)
+                errs.append(np.abs(np.exp(m.predict_log(x[te], terms[te]) - y[te]) - 1))
+            err = float(np.concatenate(errs).mean())
+            if err < best_err:
+                best, best_err = config, err
+        return best
 
     def _check(self) -> None:
         if not hasattr(self, "types_"):
@@ -228,7 +279,8 @@ class LatencyModel:
         for t, idx in todo.items():
             model = self.types_[t]
             x = np.array([kernels[i].features() for i in idx])
-            p50 = np.exp(model.predict_log(x))
+            terms = _linear_terms(x, [kernels[i] for i in idx]) if model.lin is not None else None
+            p50 = np.exp(model.predict_log(x, terms))
             for j, i in enumerate(idx):
                 pair = (float(p50[j]), float(p50[j] * model.p95_ratio))
                 out[i] = pair
@@ -261,6 +313,7 @@ class LatencyModel:
             "overhead_ms": self.overhead_, "overhead_p95_ratio": self.overhead_p95_ratio_,
             "types": {t: {"coef": m.coef.tolist(), "mean": m.mean.tolist(), "scale": m.scale.tolist(),
                           "intercept": m.intercept, "p95_ratio": m.p95_ratio, "n": m.n,
+                          "work_terms": m.lin.tolist() if m.lin is not None else None,
                           "trees": m.trees.to_dict() if m.trees is not None else None}
                       for t, m in self.types_.items()},
         }
@@ -274,7 +327,8 @@ class LatencyModel:
         m.types_ = {
             t: _TypeModel(np.array(v["coef"], float), np.array(v["mean"], float), np.array(v["scale"], float),
                           float(v["intercept"]), TreeEnsemble.from_dict(v["trees"]) if v["trees"] else None,
-                          float(v["p95_ratio"]), int(v["n"]))
+                          float(v["p95_ratio"]), int(v["n"]),
+                          np.array(v["work_terms"], float) if v.get("work_terms") is not None else None)
             for t, v in d["types"].items()
         }
         m.overhead_ = [[float(a), float(b)] for a, b in d["overhead_ms"]]

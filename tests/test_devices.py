@@ -63,26 +63,35 @@ def test_micro_models_are_valid_and_run(ktype, tmp_path):
     assert out["runs"] == 3 and 0 < out["p50_ms"] <= out["p95_ms"] and out["io_bytes"] > 0
 
 
-def _synthetic_model(noise: float = 0.0) -> tuple[LatencyModel, list[Kernel]]:
+def _power_law(k: Kernel) -> float:
+    return 2e-6 * k.macs ** 0.95
+
+
+def _additive(k: Kernel) -> float:  # fixed cost + compute + activation traffic, the shape of real kernels
+    return 2e-3 + 1e-8 * k.macs + 4e-8 * (k.in_elems + k.out_elems) * k.act_bytes
+
+
+def _synthetic_model(noise: float = 0.0, truth=_power_law, select: bool = False) -> tuple[LatencyModel, list[Kernel]]:
     rng = np.random.default_rng(0)
     kernels = _calibrate.io_kernels()
     meas = [{"p50_ms": 0.02 + 1e-7 * k.cin * 8, "p95_ms": 0.025, "io_bytes": k.cin * 8} for k in kernels]
     for t in ("conv_kxk@32", "gemm@32"):
         for _ in range(50):
             k = _calibrate.random_kernel(t, rng)
-            lat = 2e-6 * k.macs ** 0.95 * (1 + noise * rng.standard_normal())
+            lat = truth(k) * (1 + noise * rng.standard_normal())
             kernels.append(k)
             meas.append({"p50_ms": 0.02 + lat, "p95_ms": 0.03 + 1.2 * lat, "io_bytes": 0})
-    return LatencyModel(device="synthetic").fit(kernels, meas), kernels
+    return LatencyModel(device="synthetic").fit(kernels, meas, select=select), kernels
 
 
-def test_latency_model_learns_a_power_law_and_round_trips():
-    model, _ = _synthetic_model()
+@pytest.mark.parametrize("truth", [_power_law, _additive])
+def test_latency_model_selects_the_right_form_and_round_trips(truth):
+    """Cross-validation picks a form that extrapolates: log-linear for a power law, work terms for sums."""
+    model, _ = _synthetic_model(truth=truth, select=True)
     rng = np.random.default_rng(9)
     for _ in range(20):
         k = _calibrate.random_kernel("conv_kxk@32", rng)
-        truth = 2e-6 * k.macs ** 0.95
-        assert model.predict_kernels([k])[0][0] == pytest.approx(truth, rel=0.15)
+        assert model.predict_kernels([k])[0][0] == pytest.approx(truth(k), rel=0.15)
     again = LatencyModel.from_dict(json.loads(json.dumps(model.to_dict())), device="synthetic")
     ks = [_calibrate.random_kernel("gemm@32", rng) for _ in range(5)]
     assert again.predict(ks, 4096) == pytest.approx(model.predict(ks, 4096))
