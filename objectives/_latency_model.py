@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim.objectives._kernels import KERNEL_FEATURES, Kernel, kernel_type
+from edgeslim.objectives._kernels import KERNEL_FEATURES, Kernel, kernel_matrix, kernel_type
 from edgeslim.spaces import ObjectiveError
 
 __all__ = ["LatencyModel", "TreeEnsemble"]
@@ -103,12 +103,6 @@ class TreeEnsemble:
                    np.array(d["right"], dtype=np.int64), np.array(d["value"], dtype=float), int(d["depth"]))
 
 
-def _linear_terms(x: np.ndarray, kernels: Sequence[Kernel]) -> np.ndarray:
-    """Work terms a kernel's time is a non-negative sum of: fixed, MACs, bytes in, out, weights."""
-    return np.array([[1.0, k.macs, k.in_elems * k.act_bytes, k.out_elems * k.act_bytes,
-                      k.weight_elems * k.bits / 8] for k in kernels], dtype=float)
-
-
 @dataclasses.dataclass
 class _TypeModel:
     coef: np.ndarray
@@ -184,15 +178,15 @@ class LatencyModel:
         self.types_: dict[str, _TypeModel] = {}
         self.configs_: dict[str, tuple[bool, int, int]] = {}
         for t, idx in sorted(by_type.items()):
-            x = np.array([kernels[i].features() for i in idx])
+            x, terms = kernel_matrix([kernels[i] for i in idx])
             y = np.array([max(measurements[i]["p50_ms"] - self._io_cost(measurements[i]["io_bytes"]), MIN_KERNEL_MS)
                           for i in idx])
             ratio = float(np.median([measurements[i]["p95_ms"] / measurements[i]["p50_ms"] for i in idx]))
-            terms = _linear_terms(x, [kernels[i] for i in idx])
             config = self._select_config(x, np.log(y), terms) if select else self.CONFIGS[2]
             self.types_[t] = self._fit_type(x, np.log(y), ratio, terms, config)
             self.configs_[t] = config
         self._cache: dict[Kernel, tuple[float, float]] = {}
+        self._stack = None
         return self
 
     def _io_cost(self, io_bytes: float) -> float:
@@ -276,16 +270,74 @@ class LatencyModel:
                         f"cover (covered: {sorted(self.types_)}); re-run `edgeslim calibrate --device "
                         f"{self.device}` with --full, or freeze that layer's bits")
                 todo.setdefault(t, []).append(i)
-        for t, idx in todo.items():
-            model = self.types_[t]
-            x = np.array([kernels[i].features() for i in idx])
-            terms = _linear_terms(x, [kernels[i] for i in idx]) if model.lin is not None else None
-            p50 = np.exp(model.predict_log(x, terms))
+        if todo:
+            idx = [i for rows in todo.values() for i in rows]
+            p50, p95 = self._predict_rows([kernels[i] for i in idx], [t for t, rows in todo.items() for _ in rows])
             for j, i in enumerate(idx):
-                pair = (float(p50[j]), float(p50[j] * model.p95_ratio))
+                pair = (float(p50[j]), float(p95[j]))
                 out[i] = pair
                 self._cache[kernels[i]] = pair
         return out  # type: ignore[return-value]
+
+    def _stacked(self) -> dict[str, Any]:
+        """Every type's regressor in one set of padded arrays, so a candidate's kernels of all types
+        are evaluated in a handful of numpy operations (prediction stays well under a millisecond)."""
+        if getattr(self, "_stack", None) is not None:
+            return self._stack
+        names = sorted(self.types_)
+        models = [self.types_[t] for t in names]
+        n_feat = len(KERNEL_FEATURES)
+        ens = [m.trees for m in models]
+        n_trees = max([e.feature.shape[0] for e in ens if e is not None] + [1])
+        width = max([e.feature.shape[1] for e in ens if e is not None] + [1])
+        shape = (len(names), n_trees, width)
+        feature = np.zeros(shape, dtype=np.int64)
+        threshold = np.full(shape, np.inf)
+        self_idx = np.broadcast_to(np.arange(width), shape).copy()
+        left, right, value = self_idx.copy(), self_idx.copy(), np.zeros(shape)
+        for i, e in enumerate(ens):
+            if e is None:
+                continue
+            t, w = e.feature.shape
+            feature[i, :t, :w], threshold[i, :t, :w] = e.feature, e.threshold
+            left[i, :t, :w], right[i, :t, :w], value[i, :t, :w] = e.left, e.right, e.value
+        self._stack = {
+            "index": {t: i for i, t in enumerate(names)},
+            "coef": np.array([m.coef for m in models]).reshape(len(names), n_feat),
+            "mean": np.array([m.mean for m in models]).reshape(len(names), n_feat),
+            "scale": np.array([m.scale for m in models]).reshape(len(names), n_feat),
+            "intercept": np.array([m.intercept for m in models]),
+            "lin": np.array([m.lin if m.lin is not None else np.zeros(5) for m in models]),
+            "has_lin": np.array([m.lin is not None for m in models]),
+            "p95": np.array([m.p95_ratio for m in models]),
+            # children as global flat indices, left then right: one take per tree level
+            "feature": feature.ravel(), "threshold": threshold.ravel(),
+            "child": np.stack([left, right], axis=-1).reshape(-1, width, 2).__add__(
+                (np.arange(len(names) * n_trees) * width)[:, None, None]).ravel(),
+            "value": value.ravel(), "n_trees": n_trees, "width": width,
+            "depth": max([e.depth for e in ens if e is not None] + [0]),
+        }
+        return self._stack
+
+    def _predict_rows(self, kernels: Sequence[Kernel], types: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        st = self._stacked()
+        ti = np.array([st["index"][t] for t in types])
+        x, terms = kernel_matrix(kernels)
+        z = (x - st["mean"][ti]) / st["scale"][ti]
+        log_t = (z * st["coef"][ti]).sum(axis=1) + st["intercept"][ti]
+        work = (terms * st["lin"][ti]).sum(axis=1)
+        log_t = log_t + np.where(st["has_lin"][ti], np.log(np.maximum(work, MIN_KERNEL_MS)), 0.0)
+        if st["depth"]:
+            n, n_feat, width = len(kernels), x.shape[1], st["width"]
+            flat = (ti[None, :] * st["n_trees"] + np.arange(st["n_trees"])[:, None]) * width
+            row = (np.arange(n) * n_feat)[None, :]
+            xs, feature, threshold, child = x.ravel(), st["feature"], st["threshold"], st["child"]
+            for _ in range(st["depth"]):
+                go_right = xs.take(row + feature.take(flat)) > threshold.take(flat)
+                flat = child.take(2 * flat + go_right)
+            log_t = log_t + st["value"].take(flat).sum(axis=0)
+        p50 = np.exp(log_t)
+        return p50, p50 * st["p95"][ti]
 
     def predict(self, kernels: Sequence[Kernel], io_bytes: float = 0.0) -> tuple[float, float]:
         """Predicted (p50, p95) latency in ms of one inference running ``kernels``.
@@ -336,4 +388,5 @@ class LatencyModel:
             raise ValueError("model.overhead_ms must hold at least two [io_bytes, ms] pairs")
         m.overhead_p95_ratio_ = float(d["overhead_p95_ratio"])
         m._cache = {}
+        m._stack = None
         return m

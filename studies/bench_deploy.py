@@ -1,8 +1,9 @@
 """Benchmark: search, pick the fastest variant within 1 pp of the dense baseline, export it and the
 dense baseline as ONNX, and measure both artifacts side by side in this run.
 
-Usage: python studies/bench_deploy.py [--trials N] [--device NAME]
-Workloads: the built-in digits-resnet (>= 1 ms) and torchvision mobilenet_v2 on digits at 3x32x32.
+Usage: python studies/bench_deploy.py [--trials N] [--device NAME] [--torchvision NAME] [--tv-finetune-steps N]
+Workloads: the built-in digits-resnet (>= 1 ms) and a torchvision network (resnet18 unless
+--torchvision names another) trained from scratch on digits at 3x32x32.
 With --device, the search predicts latency with that profile and the gap to the measured
 artifact is the profile's error; without it, the gap is search-time vs export-time measurement.
 """
@@ -21,6 +22,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--device", default="local")
     parser.add_argument("--max-drop-pp", type=float, default=1.0)
+    parser.add_argument("--torchvision", default="resnet18", help="torchvision classification network")
+    parser.add_argument("--tv-finetune-steps", type=int, default=150,
+                        help="fine-tune steps per trial for the torchvision network")
+    parser.add_argument("--only", choices=["builtin", "torchvision"], help="run one of the two rows")
     args = parser.parse_args()
 
     import onnxruntime
@@ -29,24 +34,27 @@ def main() -> None:
     from edgeslim.search import demo_spec, load_spec, run_search
     from edgeslim.search._export import all_records, export_variant
     from edgeslim.search._pick import SLO, NoFitError, select
-    from edgeslim.search._spec import DataSpec, DeviceSpec, FinetuneSpec, ModelSpec
+    from edgeslim.search._spec import DataSpec, DeviceSpec, FinetuneSpec, ModelSpec, RuleSpec, SpaceSpec
 
     here = Path(__file__).parent
+    tv_label = f"{args.torchvision} (torchvision, 3x32x32)"
     specs = {
         "digits-resnet": load_spec(here / "digits-resnet.toml"),
-        "mobilenet_v2 (torchvision, 3x32x32)": demo_spec().replace(
-            name="digits-mobilenet-v2",
-            model=ModelSpec(torchvision="mobilenet_v2", num_classes=10, input_shape=[3, 32, 32], train_epochs=15),
+        tv_label: demo_spec().replace(
+            name=f"digits-{args.torchvision}",
+            model=ModelSpec(torchvision=args.torchvision, num_classes=10, input_shape=[3, 32, 32], train_epochs=15),
             data=DataSpec(factory="edgeslim.search._workloads:digits_rgb32"),
-            finetune=FinetuneSpec(steps=40, lr=2e-3, batch_size=32), space=load_spec(here / "digits-resnet.toml").space),
+            finetune=FinetuneSpec(steps=args.tv_finetune_steps, lr=2e-3, batch_size=32),
+            # a deep network from scratch: moderate sparsity, rank only halved, int8 or fp32
+            space=SpaceSpec(rules={"_default": RuleSpec(sparsity=[0.0, 0.25, 0.5], rank=[0.5, 1.0],
+                                                        bits=[8, 32])})),
     }
+    if args.only:
+        specs = {k: v for k, v in specs.items() if (k == tv_label) == (args.only == "torchvision")}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}, "
           f"device {args.device}")
     rows = []
     for label, spec in specs.items():
-        if label.startswith("mobilenet"):
-            spec = spec.replace(space=type(spec.space)(rules={k: v for k, v in spec.space.rules.items()
-                                                              if k == "_default"}))
         out = Path(tempfile.mkdtemp(prefix="edgeslim-deploy-"))
         spec = spec.replace(out_dir=str(out), trials=args.trials, device=DeviceSpec(name=args.device))
         result = run_search(spec, devices_dir=Path("studies/devices"))

@@ -99,6 +99,22 @@ def test_latency_model_selects_the_right_form_and_round_trips(truth):
     assert p95 > p50 > 0
 
 
+def test_batched_prediction_equals_each_types_own_regressor():
+    """The stacked all-types evaluator (fast path) computes exactly what each type's model does."""
+    from edgeslim.objectives._kernels import kernel_matrix
+
+    model, _ = _synthetic_model(noise=0.2, truth=_additive, select=True)
+    rng = np.random.default_rng(3)
+    ks = [_calibrate.random_kernel(t, rng) for t in ("conv_kxk@32", "gemm@32") for _ in range(10)]
+    fast = np.array([p for p, _ in model.predict_kernels(ks)])
+    ref = []
+    for k in ks:
+        x, terms = kernel_matrix([k])
+        tm = model.types_[kernel_type(k)]
+        ref.append(float(np.exp(tm.predict_log(x, terms if tm.lin is not None else None))[0]))
+    assert fast == pytest.approx(ref, rel=1e-12)
+
+
 def test_uncovered_kernel_type_is_an_error_naming_layer_and_device():
     model, _ = _synthetic_model()
     with pytest.raises(ObjectiveError, match="layer 'features.3'.*conv_dw@8.*'synthetic'"):
