@@ -22,14 +22,15 @@ from edgeslim.objectives._kernels import Kernel
 from edgeslim.objectives._latency_model import LatencyModel
 from edgeslim.spaces import NBITS_BLOCK
 
-__all__ = ["CalibrationResult", "MODES", "KERNEL_TYPES", "calibrate", "fit_measurements", "micro_model",
-           "write_kit", "design"]
+__all__ = ["CalibrationResult", "CHAINS", "MODES", "KERNEL_TYPES", "calibrate", "chain_model", "fit_measurements",
+           "micro_model", "random_chain", "write_kit", "design"]
 
 OPSET = 21  # int4 DequantizeLinear is standard from opset 21
 IR_VERSION = 10
 
 # (initial points per type, adaptive rounds, validation points per round, neighbours per round)
 MODES: dict[str, tuple[int, int, int, int]] = {"quick": (30, 2, 10, 10), "full": (80, 4, 25, 25)}
+CHAINS = {"quick": 80, "full": 300}  # connected-kernel models that fit the boundary terms
 IO_SIZES = (1, 64, 1024, 8192, 32768, 131072, 524288, 1048576)  # Identity models for the overhead fit
 MAX_MACS = 250_000_000
 
@@ -150,6 +151,86 @@ def micro_model(k: Kernel, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def chain_model(kernels: Sequence[Kernel], acts: Sequence[bool], seed: int = 0) -> onnx.ModelProto:
+    """Kernels connected output to input, each as its :func:`micro_model`; ``acts[i]`` False drops
+    the ReLU after kernel ``i`` (the two halves of a low-rank pair meet without one).
+
+    Example:
+        >>> a = Kernel("conv", 8, cin=8, cout=8, k=3, h=8, w=8, ho=8, wo=8)
+        >>> [n.op_type for n in chain_model([a, a], [False]).graph.node].count("Relu")
+        1
+    """
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    prev = "x"
+    for i, k in enumerate(kernels):
+        g = micro_model(k, seed + i).graph
+        last = i == len(kernels) - 1
+        drop_act = not last and not acts[i]
+        rename = {"x": prev, "out": "out" if last else f"k{i}_out"}
+        if drop_act:  # the Relu's input becomes the kernel's output
+            relu = next(n for n in g.node if n.op_type == "Relu" and n.output[0] == "out")
+            rename[relu.input[0]] = rename["out"]
+        for n in g.node:
+            if drop_act and n.op_type == "Relu" and n.output[0] == "out":
+                continue
+            new = onnx.NodeProto()
+            new.CopyFrom(n)
+            new.input[:] = [rename.get(t, f"k{i}_{t}") if t else t for t in n.input]
+            new.output[:] = [rename.get(t, f"k{i}_{t}") for t in n.output]
+            nodes.append(new)
+        for t in g.initializer:
+            new_t = onnx.TensorProto()
+            new_t.CopyFrom(t)
+            new_t.name = f"k{i}_{t.name}"
+            inits.append(new_t)
+        prev = rename["out"]
+        if i == 0:
+            inputs = list(g.input)
+        outputs = list(g.output)
+    weight_only = any(k.weight_only for k in kernels)
+    graph = helper.make_graph(nodes, "edgeslim_chain", inputs, outputs, initializer=inits)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if weight_only else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeslim-calibrate")
+    model.ir_version = IR_VERSION
+    return model
+
+
+def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
+    """2-4 connected convolutions (or Linears) at one spatial size, each at a random bit-width,
+    with channel counts drawn like :func:`random_kernel` draws them."""
+    def ch() -> int:
+        width = int(rng.choice(_CHANNELS[:10]))
+        return width if rng.random() < 0.5 else max(2, int(width * rng.uniform(0.2, 1.0)))
+
+    def bits(gemm: bool) -> int:
+        return int(rng.choice((32, 8, 4), p=(0.4, 0.4, 0.2)))
+
+    for _ in range(100):
+        n = int(rng.integers(2, 5))
+        gemm = rng.random() < 0.2
+        hw = 1 if gemm else int(rng.choice((4, 8, 8, 14, 16, 16, 28, 32, 32, 56)))
+        c = ch()
+        kernels = []
+        for _ in range(n):
+            cout = ch()
+            if gemm:
+                kernels.append(Kernel("gemm", bits(True), c, cout))
+            else:
+                ksz = int(rng.choice((1, 3, 3)))
+                kernels.append(Kernel("conv", bits(False), c, cout, ksz, 1, 1, hw, hw, hw, hw))
+            c = cout
+        acts = [bool(rng.random() < 0.75) for _ in range(n - 1)]
+        if sum(k.macs for k in kernels) <= MAX_MACS:
+            return kernels, acts
+    raise RuntimeError("could not draw a kernel chain under the MAC limit")
+
+
+def chain_edges(n: int, acts: Sequence[bool]) -> list[tuple[int, int, bool]]:
+    """The edges of a chain of ``n`` kernels."""
+    return [(i, i + 1, bool(acts[i])) for i in range(n - 1)]
+
+
 def _out_hw(h: int, k: int, s: int) -> int:
     return (h + 2 * (k // 2) - k) // s + 1
 
@@ -248,6 +329,7 @@ class CalibrationResult:
     measurements: list[dict[str, Any]]
     model: LatencyModel
     rounds: list[dict[str, float]]
+    chains: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _measure(kernels: Sequence[Kernel], threads: int, workdir: Path, offset: int,
@@ -281,7 +363,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
     (reported as that round's held-out error), and measures neighbours of the worst quarter.
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
-    total = len(IO_SIZES) + len(types) * (per_type + rounds * (n_val + n_nb))
+    total = len(IO_SIZES) + len(types) * (per_type + rounds * (n_val + n_nb)) + CHAINS[mode]
     done = 0
 
     def tick() -> None:
@@ -312,7 +394,32 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
             meas += vm + nm
             # full mode chooses each type's regressor by cross-validation (about a minute of fitting)
             model = _fit(kernels, meas, device, select=mode == "full" and r == rounds - 1)
-    return CalibrationResult(kernels, meas, model, history)
+        chains = _measure_chains([random_chain(rng) for _ in range(CHAINS[mode])], threads, work,
+                                 len(kernels), tick, energy_reader)
+        _fit_chains(model, chains)
+    return CalibrationResult(kernels, meas, model, history, chains)
+
+
+def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: int, workdir: Path, offset: int,
+                    tick: Callable[[], None], energy_reader: Any = None) -> list[dict[str, Any]]:
+    out = []
+    for i, (ks, acts) in enumerate(drawn):
+        path = workdir / f"c{offset + i}.onnx"
+        onnx.save(chain_model(ks, acts, seed=offset + i), str(path))
+        m = _runner.measure_file(str(path), threads, offset + i, energy_reader=energy_reader)
+        path.unlink()
+        out.append({"chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": list(acts)}, **m})
+        tick()
+    return out
+
+
+def _fit_chains(model: LatencyModel, chains: Sequence[dict[str, Any]]) -> None:
+    rows = []
+    for c in chains:
+        ks = [Kernel(**k) for k in c["chain"]["kernels"]]
+        if all(model.covers(k) for k in ks):
+            rows.append((ks, chain_edges(len(ks), c["chain"]["acts"]), float(c["p50_ms"]), float(c["io_bytes"])))
+    model.fit_boundaries(rows)
 
 
 # ---- remote kits -----------------------------------------------------------------------------
@@ -331,6 +438,12 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0) ->
         (kit_dir / "models").mkdir(exist_ok=True)
         onnx.save(micro_model(k, seed=i), str(kit_dir / name))
         entries.append({"file": name, "kernel": dataclasses.asdict(k)})
+    rng = np.random.default_rng(seed + 2)
+    for j in range(CHAINS[mode]):
+        ks, acts = random_chain(rng)
+        name = f"models/c{j:05d}.onnx"
+        onnx.save(chain_model(ks, acts, seed=len(kernels) + j), str(kit_dir / name))
+        entries.append({"file": name, "chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": acts}})
     kit_id = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12]
     manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, "mode": mode, "threads": threads,
                 "protocol": _runner.PROTOCOL, "entries": entries}
@@ -341,15 +454,18 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0) ->
 
 def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
     """Fit a model from a kit's ``measurements.json`` content."""
-    entries = data["entries"]
-    kernels = [Kernel(**e["kernel"]) for e in entries]
     keys = ("p50_ms", "p95_ms", "runs", "rejected", "io_bytes")
-    for i, e in enumerate(entries):
+    for i, e in enumerate(data["entries"]):
         missing = [k for k in keys if k not in e]
         if missing:
             raise ValueError(f"measurements.entries[{i}] lacks {missing}; re-run the kit's run_kit.py")
+    entries = [e for e in data["entries"] if "kernel" in e]
+    kernels = [Kernel(**e["kernel"]) for e in entries]
     meas = [{k: e[k] for k in keys} for e in entries]
-    return CalibrationResult(kernels, meas, _fit(kernels, meas, device, select=True), [])
+    chains = [{"chain": e["chain"], **{k: e[k] for k in keys}} for e in data["entries"] if "chain" in e]
+    model = _fit(kernels, meas, device, select=True)
+    _fit_chains(model, chains)
+    return CalibrationResult(kernels, meas, model, [], chains)
 
 
 def fit_energy(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], source: str) -> Any:

@@ -23,7 +23,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeslim.spaces import ObjectiveError, QuantizedLayer
 
-__all__ = ["Kernel", "KERNEL_FEATURES", "extract_kernels", "io_bytes", "kernel_matrix", "kernel_type"]
+__all__ = ["Kernel", "KERNEL_FEATURES", "Edge", "boundary_class", "extract_graph", "extract_kernels", "io_bytes",
+           "kernel_matrix", "kernel_type"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,12 +188,51 @@ def _chw(shape: Sequence[int]) -> tuple[int, int, int]:
 def extract_kernels(model: nn.Module, example_input: torch.Tensor) -> list[Kernel]:
     """Trace ``model`` with torch.fx, propagate shapes, and list the kernels after fusion.
 
-    Raises :class:`ObjectiveError` naming the layer when an op has no kernel model here.
-
     Example:
         >>> m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         >>> [kernel_type(k) for k in extract_kernels(m, torch.zeros(1, 1, 8, 8))]
         ['conv_kxk@32']
+    """
+    return extract_graph(model, example_input)[0]
+
+
+Edge = tuple[int, int, bool]  # producer kernel index, consumer kernel index, activation between them
+
+
+def boundary_class(producer: Kernel, consumer: Kernel, act: bool) -> str:
+    """How two connected kernels meet, which decides what the runtime does between them.
+
+    ``q`` is an int8/int4-QDQ Conv/Gemm (quantized tensors in and out), ``c`` a float conv with
+    channel counts that are multiples of 8 (x86 ONNX Runtime runs those in the blocked NCHWc
+    layout, so a chain of them skips the layout reorders a lone kernel pays), ``f`` any other
+    kernel. ``+act`` marks a q>q boundary with an activation in between (dequantize, ReLU,
+    quantize) rather than a direct int8 hand-over (the halves of a low-rank pair).
+
+    Example:
+        >>> a = Kernel("conv", 8, cin=16, cout=16, k=3)
+        >>> boundary_class(a, a, True), boundary_class(a, Kernel("gemm", 32, cin=16, cout=4), False)
+        ('q>q+act', 'q>f')
+    """
+    def domain(k: Kernel) -> str:
+        if k.op in ("conv", "gemm") and k.bits <= 8 and not k.weight_only:
+            return "q"
+        if k.op == "conv" and k.bits == 32 and k.cin % 8 == 0 and k.cout % 8 == 0:
+            return "c"
+        return "f"
+
+    a, b = domain(producer), domain(consumer)
+    return f"{a}>{b}" + ("+act" if act and a == b == "q" else "")
+
+
+def extract_graph(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Kernel], list[Edge]]:
+    """Kernels after fusion (as :func:`extract_kernels`) and the edges between them.
+
+    Raises :class:`ObjectiveError` naming the layer when an op has no kernel model here.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        >>> extract_graph(m, torch.zeros(1, 1, 8, 8))[1]
+        [(0, 1, True)]
     """
     try:
         graph = _Tracer().trace(model)
@@ -204,6 +244,7 @@ def extract_kernels(model: nn.Module, example_input: torch.Tensor) -> list[Kerne
         ShapeProp(gm).propagate(example_input)
     modules = dict(gm.named_modules())
     kernels: list[Kernel] = []
+    edges: list[Edge] = []
     producer_fuses: set[str] = set()  # nodes whose following activation is fused into them
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
@@ -281,7 +322,23 @@ def extract_kernels(model: nn.Module, example_input: torch.Tensor) -> list[Kerne
                 raise ObjectiveError(f"no latency kernel for functional {node.name!r}; use nn.Conv2d/nn.Linear")
             else:
                 raise ObjectiveError(f"no latency kernel for {node.name!r} ({getattr(fn, '__name__', fn)})")
-    return kernels
+    # second pass: which kernel produced each value, and whether an activation sits in between
+    by_layer = {k.layer: i for i, k in enumerate(kernels)}
+    made_by: dict[str, tuple[int, bool]] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        idx = by_layer.get(node.target if node.op == "call_module" else node.name)
+        if idx is not None:
+            edges += [(made_by[a.name][0], idx, made_by[a.name][1]) for a in args if a.name in made_by]
+            made_by[node.name] = (idx, False)
+        elif args and args[0].name in made_by:
+            is_act = (node.op == "call_module" and isinstance(modules[node.target], _ACTS)) or \
+                node.target in _FUSED_FUNCS or (node.op == "call_method" and node.target in ("relu", "relu_", "clamp"))
+            prod, act = made_by[args[0].name]
+            made_by[node.name] = (prod, act or is_act)
+    return kernels, edges
 
 
 def io_bytes(kernels: Sequence[Kernel], example_input: torch.Tensor) -> int:

@@ -19,12 +19,29 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim.objectives._kernels import KERNEL_FEATURES, Kernel, kernel_matrix, kernel_type
+from edgeslim.objectives._kernels import KERNEL_FEATURES, Edge, Kernel, boundary_class, kernel_matrix, kernel_type
 from edgeslim.spaces import ObjectiveError
 
-__all__ = ["LatencyModel", "TreeEnsemble"]
+__all__ = ["BOUNDARY_CLASSES", "LatencyModel", "TreeEnsemble", "boundary_terms"]
 
 MIN_KERNEL_MS = 1e-4
+BOUNDARY_CLASSES = ("q>q", "q>q+act", "q>c", "q>f", "c>q", "f>q", "c>c", "c>f", "f>c", "f>f")
+
+
+def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge]) -> np.ndarray:
+    """Per boundary class: how many edges of that class, and the MB of float tensor they carry.
+
+    Example:
+        >>> k = Kernel("conv", 8, cin=16, cout=16, k=3, h=8, w=8, ho=8, wo=8)
+        >>> boundary_terms([k, k], [(0, 1, True)])[2:4].tolist()  # q>q+act: 1 edge, 4 KiB
+        [1.0, 0.004096]
+    """
+    row = np.zeros(2 * len(BOUNDARY_CLASSES))
+    for a, b, act in edges:
+        c = BOUNDARY_CLASSES.index(boundary_class(kernels[a], kernels[b], act))
+        row[2 * c] += 1.0
+        row[2 * c + 1] += kernels[a].out_elems * 4 / 1e6
+    return row
 
 
 @dataclasses.dataclass
@@ -187,6 +204,7 @@ class LatencyModel:
             self.configs_[t] = config
         self._cache: dict[Kernel, tuple[float, float]] = {}
         self._stack = None
+        self.boundaries_: np.ndarray | None = None
         return self
 
     def _io_cost(self, io_bytes: float) -> float:
@@ -339,22 +357,54 @@ class LatencyModel:
         p50 = np.exp(log_t)
         return p50, p50 * st["p95"][ti]
 
-    def predict(self, kernels: Sequence[Kernel], io_bytes: float = 0.0) -> tuple[float, float]:
+    def predict(self, kernels: Sequence[Kernel], io_bytes: float = 0.0,
+                edges: Sequence[Edge] | None = None) -> tuple[float, float]:
         """Predicted (p50, p95) latency in ms of one inference running ``kernels``.
 
-        ``io_bytes`` is the size of the model's input plus output tensors.
+        ``io_bytes`` is the size of the model's input plus output tensors. With ``edges`` (from
+        :func:`extract_graph`) the fitted boundary terms correct for what connected kernels do
+        differently from lone ones (layout reorders and quantize/dequantize pairs they share).
         """
         per = self.predict_kernels(kernels)
         over = self._io_cost(io_bytes)
-        return (over + sum(p for p, _ in per), over * self.overhead_p95_ratio_ + sum(q for _, q in per))
+        p50, p95 = over + sum(p for p, _ in per), over * self.overhead_p95_ratio_ + sum(q for _, q in per)
+        coef = getattr(self, "boundaries_", None)
+        if edges and coef is not None:
+            # never let the correction remove more than half the kernels' time (extrapolation guard)
+            saving = min(float(boundary_terms(kernels, edges) @ coef), 0.5 * (p50 - over))
+            p95, p50 = p95 * (p50 - saving) / p50, p50 - saving
+        return p50, p95
+
+    def fit_boundaries(self, chains: Sequence[tuple[Sequence[Kernel], Sequence[Edge], float, float]],
+                       ridge: float = 1e-2) -> LatencyModel:
+        """Fit per-boundary-class savings (fixed + per MB) from measured kernel chains.
+
+        Each chain is ``(kernels, edges, p50_ms, io_bytes)``; the target is what the lone-kernel
+        sum over-predicts, fitted by ridge regression weighted for relative error.
+        """
+        self._check()
+        if not chains:
+            self.boundaries_ = None
+            return self
+        rows, target = [], []
+        for kernels, edges, p50, io in chains:
+            lone, _ = self.predict(kernels, io)
+            rows.append(boundary_terms(kernels, edges) / p50)
+            target.append((lone - p50) / p50)
+        a, y = np.array(rows), np.array(target)
+        scale = np.maximum(np.abs(a).max(axis=0), 1e-12)
+        z = a / scale
+        coef = np.linalg.solve(z.T @ z + ridge * len(y) * np.eye(z.shape[1]), z.T @ y) / scale
+        self.boundaries_ = coef
+        return self
 
     def predict_module(self, module: Any, example_input: Any) -> tuple[float, float, int]:
         """(p50, p95, kernel count) of a realized module on ``example_input``: its kernels after
         fusion (torch.fx) plus the overhead for its input and output."""
-        from edgeslim.objectives._kernels import extract_kernels, io_bytes
+        from edgeslim.objectives._kernels import extract_graph, io_bytes
 
-        kernels = extract_kernels(module, example_input)
-        p50, p95 = self.predict(kernels, io_bytes(kernels, example_input))
+        kernels, edges = extract_graph(module, example_input)
+        p50, p95 = self.predict(kernels, io_bytes(kernels, example_input), edges)
         return p50, p95, len(kernels)
 
     def to_dict(self) -> dict[str, Any]:
@@ -363,6 +413,8 @@ class LatencyModel:
         return {
             "features": list(KERNEL_FEATURES),
             "overhead_ms": self.overhead_, "overhead_p95_ratio": self.overhead_p95_ratio_,
+            "boundary_classes": list(BOUNDARY_CLASSES),
+            "boundaries": None if getattr(self, "boundaries_", None) is None else self.boundaries_.tolist(),
             "types": {t: {"coef": m.coef.tolist(), "mean": m.mean.tolist(), "scale": m.scale.tolist(),
                           "intercept": m.intercept, "p95_ratio": m.p95_ratio, "n": m.n,
                           "work_terms": m.lin.tolist() if m.lin is not None else None,
@@ -387,6 +439,10 @@ class LatencyModel:
         if len(m.overhead_) < 2:
             raise ValueError("model.overhead_ms must hold at least two [io_bytes, ms] pairs")
         m.overhead_p95_ratio_ = float(d["overhead_p95_ratio"])
+        b = d.get("boundaries")
+        if b is not None and (list(d.get("boundary_classes", [])) != list(BOUNDARY_CLASSES) or len(b) != 2 * len(BOUNDARY_CLASSES)):
+            raise ValueError(f"model.boundaries must hold 2 values for each of {list(BOUNDARY_CLASSES)}")
+        m.boundaries_ = None if b is None else np.array(b, float)
         m._cache = {}
         m._stack = None
         return m

@@ -181,11 +181,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "rounds": result.rounds,
         "measurements": [{"kernel": dataclasses.asdict(k), "type": kernel_type(k), **m}
                          for k, m in zip(result.kernels, result.measurements)],
+        "chains": result.chains,
     }
     profile = DeviceProfile(name=args.device, threads=threads, energy=energy, latency_model=result.model,
                             facts=facts, profile_id=profile_id(facts, created), extra=extra)
     path = profile.save(target, replace=args.replace)
-    print(f"wrote {path}: {len(result.kernels)} micro-models over {len(result.model.types_)} kernel types, "
+    print(f"wrote {path}: {len(result.kernels)} micro-models over {len(result.model.types_)} kernel types and "
+          f"{len(result.chains)} kernel chains, "
           f"per-inference overhead {result.model.overhead_[0][1] * 1e3:.1f} us; energy "
           f"{'fitted to the power meter' if energy.measured else 'uses documented default constants (estimate)'}")
     for r in result.rounds:

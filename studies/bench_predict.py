@@ -21,8 +21,8 @@ def main() -> None:
 
     import torch
 
-    from edgeslim.objectives import extract_kernels, load_device
-    from edgeslim.objectives._kernels import io_bytes
+    from edgeslim.objectives import load_device
+    from edgeslim.objectives._kernels import extract_graph, io_bytes
     from edgeslim.search._check import VALIDATION_WORKLOADS
 
     profile = load_device(args.device, devices_dir=Path(args.devices_dir))
@@ -31,17 +31,17 @@ def main() -> None:
     for name, (factory, shape) in VALIDATION_WORKLOADS.items():
         net = factory().eval()
         x = torch.randn(shape)
-        kernels = extract_kernels(net, x)
+        kernels, edges = extract_graph(net, x)
         io = io_bytes(kernels, x)
         cold = []
         for _ in range(args.repeats):
             model._cache.clear()
             t0 = time.perf_counter()
-            model.predict(kernels, io)
+            model.predict(kernels, io, edges)
             cold.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(args.repeats):
-            model.predict(kernels, io)
+            model.predict(kernels, io, edges)
         warm = (time.perf_counter() - t0) / args.repeats
         cold.sort()
         print(f"{name:<18} {len(kernels):>3} kernels  predict cold median {cold[len(cold) // 2] * 1e3:.3f} ms  "

@@ -115,6 +115,43 @@ def test_batched_prediction_equals_each_types_own_regressor():
     assert fast == pytest.approx(ref, rel=1e-12)
 
 
+def test_chain_models_run_and_match_their_kernels():
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        ks, acts = _calibrate.random_chain(rng)
+        assert all(a.cout == b.cin for a, b in zip(ks, ks[1:]))
+        model = _calibrate.chain_model(ks, acts)
+        onnx.checker.check_model(model)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        shape = sess.get_inputs()[0].shape
+        out = sess.run(None, {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)})[0]
+        assert out.shape[1] == ks[-1].cout
+        relus = sum(n.op_type == "Relu" for n in model.graph.node)
+        assert relus == 1 + sum(acts)  # the last kernel's, plus one per activated boundary
+
+
+def test_boundary_terms_recover_a_known_saving():
+    """Chains measured faster than their lone kernels by a known amount per boundary class: the fit
+    finds that amount, and predictions with edges drop by it."""
+    model, _ = _synthetic_model()
+    rng = np.random.default_rng(4)
+    chains = []
+    for _ in range(60):
+        n = int(rng.integers(2, 5))
+        ks = [Kernel("gemm", 32, int(rng.integers(8, 64)), int(rng.integers(8, 64))) for _ in range(n)]
+        ks = [ks[0]] + [Kernel("gemm", 32, a.cout, b.cout) for a, b in zip(ks, ks[1:])]
+        edges = _calibrate.chain_edges(n, [True] * (n - 1))
+        lone, _ = model.predict(ks, 0)
+        chains.append((ks, edges, lone - 0.002 * (n - 1), 0.0))  # 2 us saved per f>f boundary
+    model.fit_boundaries(chains)
+    ks, edges, p50, _ = chains[0]
+    assert model.predict(ks, 0, edges)[0] == pytest.approx(p50, rel=0.02)
+    again = LatencyModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again.predict(ks, 0, edges)[0] == pytest.approx(model.predict(ks, 0, edges)[0])
+
+
 def test_uncovered_kernel_type_is_an_error_naming_layer_and_device():
     model, _ = _synthetic_model()
     with pytest.raises(ObjectiveError, match="layer 'features.3'.*conv_dw@8.*'synthetic'"):
@@ -207,11 +244,12 @@ def test_rapl_reader_handles_wraparound(tmp_path):
 
 def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(_calibrate, "MODES", {"quick": (3, 0, 0, 0), "full": (3, 0, 0, 0)})
+    monkeypatch.setattr(_calibrate, "CHAINS", {"quick": 25, "full": 25})
     kit = tmp_path / "kit"
     assert main(["calibrate", "--kit", str(kit)]) == 0
     manifest = json.loads((kit / "kit.json").read_text())
     assert manifest["kit_version"] == _runner.KIT_VERSION and (kit / "run_kit.py").is_file()
-    assert len(manifest["entries"]) == len(_calibrate.IO_SIZES) + 3 * len(_calibrate.KERNEL_TYPES)
+    assert len(manifest["entries"]) == len(_calibrate.IO_SIZES) + 3 * len(_calibrate.KERNEL_TYPES) + 25
     monkeypatch.setitem(_runner.PROTOCOL, "budget_s", 0.0)
     monkeypatch.setitem(_runner.PROTOCOL, "min_runs", 3)
     monkeypatch.setitem(_runner.PROTOCOL, "warmup", 1)
@@ -223,6 +261,7 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     assert main(["calibrate", "--fit", str(out), "--device", "remote", "--devices-dir", str(devices)]) == 0
     profile = load_device("remote", devices_dir=devices)
     assert profile.predicts_latency and len(profile.latency_model.types_) == len(_calibrate.KERNEL_TYPES)
+    assert profile.latency_model.boundaries_ is not None  # the kit's chains fitted the boundary terms
     data = json.loads(out.read_text())
     data["kit_version"] = 99
     out.write_text(json.dumps(data))
@@ -257,3 +296,19 @@ def test_search_with_a_calibrated_profile_predicts_latency(tmp_path):
     assert trial.user_attrs["latency_method"].startswith("predicted (estimate)")
     assert "fake" in result.study.user_attrs["device"]
     assert "predicted by profile fake" in result.report_path.read_text()
+
+
+def test_local_calibration_end_to_end(tmp_path, monkeypatch):
+    """A miniature quick calibration: kernels, one adaptive round, chains, profile written and loadable."""
+    monkeypatch.setattr(_calibrate, "MODES", {"quick": (3, 1, 2, 1), "full": (3, 1, 2, 1)})
+    monkeypatch.setattr(_calibrate, "CHAINS", {"quick": 12, "full": 12})
+    monkeypatch.setitem(_runner.PROTOCOL, "budget_s", 0.0)
+    monkeypatch.setitem(_runner.PROTOCOL, "min_runs", 3)
+    monkeypatch.setitem(_runner.PROTOCOL, "warmup", 1)
+    assert main(["calibrate", "--device", "tiny", "--devices-dir", str(tmp_path)]) == 0
+    profile = load_device("tiny", devices_dir=tmp_path)
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert len(data["chains"]) == 12 and len(data["rounds"]) == 1
+    assert profile.latency_model.boundaries_ is not None
+    p50, p95, n = profile.latency_model.predict_module(DigitsResNet().eval(), torch.zeros(1, 1, 32, 32))
+    assert n == 23 and p95 >= p50 > 0
