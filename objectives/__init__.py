@@ -9,7 +9,7 @@ Example:
     [('accuracy', 'maximize'), ('size_bytes', 'minimize')]
 """
 
-from edgeslim.objectives._accuracy import AccuracyObjective, evaluate_accuracy, finetune_
+from edgeslim.objectives._accuracy import AccuracyObjective, evaluate_accuracy, evaluate_onnx_accuracy, finetune_
 from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
 from edgeslim.objectives._data import batches, sample_inputs
 from edgeslim.objectives._device import (DEVICES_DIR, DeviceProfile, EnergyConstants, ProfileError, known_devices,
@@ -29,7 +29,7 @@ __all__ = sorted([
     "DEVICES_DIR", "Kernel", "LatencyModel", "ProfileError", "extract_kernels", "kernel_type", "known_devices",
     "load_device", "AccuracyObjective", "Candidate", "DataSplits", "DeviceProfile", "EnergyBreakdown",
     "EnergyConstants", "EnergyObjective", "EvalContext", "FinetuneConfig", "LatencyObjective",
-    "LatencyStats", "OBJECTIVES", "RUNTIME_KERNELS", "Objective", "SizeObjective", "batches", "build_artifact",
+    "LatencyStats", "OBJECTIVES", "evaluate_onnx_accuracy", "RUNTIME_KERNELS", "Objective", "SizeObjective", "batches", "build_artifact",
     "estimate_energy", "evaluate_accuracy", "export_onnx", "finetune_", "measure_latency",
     "model_size_bytes", "quantize_onnx", "sample_inputs",
 ])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,7 +13,7 @@ from torch import nn
 from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
 from edgeslim.objectives._data import batches
 
-__all__ = ["AccuracyObjective", "evaluate_accuracy", "finetune_"]
+__all__ = ["AccuracyObjective", "evaluate_accuracy", "evaluate_onnx_accuracy", "finetune_"]
 
 
 def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int) -> float:
@@ -65,10 +67,33 @@ def evaluate_accuracy(model: nn.Module, data: DataSplits, batch_size: int = 256)
     return float(correct.sum() / total.sum().clamp_min(1)), per_class
 
 
+def evaluate_onnx_accuracy(path: Path, data: DataSplits) -> tuple[float, list[float], np.ndarray]:
+    """Top-1 accuracy, per-class accuracy and predictions of an ONNX file on ``data.val``,
+    run through ONNX Runtime one sample at a time (artifacts are exported for batch 1).
+
+    Example:
+        >>> acc, per_class, pred = evaluate_onnx_accuracy(Path("model.onnx"), data)  # doctest: +SKIP
+    """
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    preds, labels = [], []
+    for x, y in batches(data.val, 256):
+        for i in range(len(x)):
+            preds.append(int(sess.run(None, {name: x[i:i + 1].numpy().astype(np.float32)})[0].argmax()))
+        labels.extend(y.tolist())
+    p, lab = np.array(preds), np.array(labels)
+    per = [float((p[lab == c] == c).mean()) if (lab == c).any() else float("nan") for c in range(data.num_classes)]
+    return float((p == lab).mean()), per, p
+
+
 class AccuracyObjective(Objective):
     """Top-1 accuracy (0..1) on the held-out split after a short fine-tune.
 
-    Records ``per_class_accuracy`` and ``finetune_loss`` in ``candidate.metrics``.
+    Records ``per_class_accuracy``, ``finetune_loss`` and ``accuracy_method`` in
+    ``candidate.metrics``. With ``ctx.score_artifact`` the score is that of the exported,
+    quantized ONNX file run by ONNX Runtime (the torch figure is kept as ``torch_accuracy``).
 
     Example:
         >>> AccuracyObjective.direction
@@ -82,6 +107,14 @@ class AccuracyObjective(Objective):
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> float:
         loss = finetune_(candidate.model, ctx.data, ctx.finetune, ctx.seed)
         acc, per_class = evaluate_accuracy(candidate.model, ctx.data)
-        candidate.metrics["per_class_accuracy"] = per_class
         candidate.metrics["finetune_loss"] = loss
+        candidate.metrics["accuracy_method"] = "torch candidate (fake-quantized)"
+        if ctx.score_artifact:
+            from edgeslim.objectives._export import candidate_artifact
+
+            path, _, _ = candidate_artifact(candidate, ctx)
+            candidate.metrics["torch_accuracy"] = acc
+            acc, per_class, _ = evaluate_onnx_accuracy(path, ctx.data)
+            candidate.metrics["accuracy_method"] = "exported ONNX artifact (onnxruntime)"
+        candidate.metrics["per_class_accuracy"] = per_class
         return acc

@@ -63,6 +63,7 @@ class EvalContext:
     device: DeviceProfile = dataclasses.field(default_factory=DeviceProfile.local)
     workdir: Path = Path(".")
     seed: int = 0
+    score_artifact: bool = False  # accuracy of the exported ONNX artifact instead of the torch candidate
 
 
 @dataclasses.dataclass
@@ -81,6 +82,7 @@ class Candidate:
     plan: Plan
     model: nn.Module
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    artifact: Any = None  # (path, bits per layer, kernel per layer) once exported, shared by objectives
 
 
 class Objective(abc.ABC):

@@ -10,6 +10,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,10 @@ from torch import nn
 
 from edgeslim.spaces import ObjectiveError, dequantized_copy, weight_qmax
 
-__all__ = ["LatencyStats", "RUNTIME_KERNELS", "export_onnx", "measure_latency", "quantize_onnx", "build_artifact"]
+__all__ = ["LatencyStats", "RUNTIME_KERNELS", "export_onnx", "measure_latency", "quantize_onnx", "build_artifact",
+           "candidate_artifact"]
+
+CALIBRATION_SAMPLES = 32  # training inputs ONNX Runtime's static quantization calibrates on
 
 log = logging.getLogger("edgeslim")
 
@@ -336,3 +340,20 @@ def build_artifact(model: nn.Module, example_input: torch.Tensor, bits_by_layer:
                              activation_overrides(model) if match_torch else None, reduce, weights)
     except Exception as e:
         raise ObjectiveError(f"ONNX Runtime quantization failed: {e}") from e
+
+
+def candidate_artifact(candidate: Any, ctx: Any) -> tuple[Path, dict[str, int], dict[str, str]]:
+    """The candidate's artifact (see :func:`build_artifact`), built once and kept on the candidate
+    so that the accuracy and latency objectives score the same file.
+
+    Example:
+        >>> path, bits, kernels = candidate_artifact(candidate, ctx)  # doctest: +SKIP
+    """
+    if candidate.artifact is None:
+        from edgeslim.objectives._data import sample_inputs
+        from edgeslim.spaces import layer_bits
+
+        calib = [t.numpy().astype(np.float32) for t in sample_inputs(ctx.data.train, CALIBRATION_SAMPLES, ctx.seed)]
+        candidate.artifact = build_artifact(candidate.model, ctx.example_input, layer_bits(candidate.model),
+                                            calib, ctx.workdir)
+    return candidate.artifact

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from edgeslim.objectives._base import Candidate, EvalContext, Objective
-from edgeslim.objectives._data import sample_inputs
-from edgeslim.objectives._export import build_artifact, measure_latency
+from edgeslim.objectives._export import candidate_artifact, measure_latency
 from edgeslim.spaces import layer_bits
 
 __all__ = ["LatencyObjective"]
 
-CALIBRATION_SAMPLES = 32
 
 
 class LatencyObjective(Objective):
@@ -37,10 +33,7 @@ class LatencyObjective(Objective):
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> float:
         if ctx.device.predicts_latency:
             return self._predict(candidate, ctx)
-        calib = [t.numpy().astype(np.float32)
-                 for t in sample_inputs(ctx.data.train, CALIBRATION_SAMPLES, ctx.seed)]
-        path, runtime_bits, runtime_kernels = build_artifact(candidate.model, ctx.example_input,
-                                            layer_bits(candidate.model), calib, ctx.workdir)
+        path, runtime_bits, runtime_kernels = candidate_artifact(candidate, ctx)
         stats = measure_latency(path, tuple(ctx.example_input.shape), threads=ctx.device.threads,
                                 seed=ctx.seed)
         candidate.metrics.update(

@@ -17,7 +17,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from edgeslim.objectives import (DEVICES_DIR, RUNTIME_KERNELS, FinetuneConfig, batches, build_artifact, evaluate_accuracy,
+from edgeslim.objectives import (DEVICES_DIR, RUNTIME_KERNELS, evaluate_onnx_accuracy, FinetuneConfig, batches, build_artifact, evaluate_accuracy,
                                  finetune_, measure_latency, sample_inputs)
 from edgeslim.objectives._energy import estimate_energy
 from edgeslim.search._front import baseline_trial, trial_record, _deltas
@@ -75,21 +75,6 @@ class ExportResult:
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def _ort_accuracy(path: Path, data: Any, num_classes: int) -> tuple[float, list[float], np.ndarray]:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    preds, labels = [], []
-    for x, y in batches(data.val, 256):
-        for i in range(len(x)):  # the artifact is exported for batch 1
-            preds.append(int(sess.run(None, {name: x[i:i + 1].numpy().astype(np.float32)})[0].argmax()))
-        labels.extend(y.tolist())
-    p, l = np.array(preds), np.array(labels)
-    per = [float((p[l == c] == c).mean()) if (l == c).any() else float("nan") for c in range(num_classes)]
-    return float((p == l).mean()), per, p
 
 
 def _versions() -> dict[str, str]:
@@ -159,7 +144,7 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
         path, runtime_bits, runtime_kernels = build_artifact(model, workload.example_input, layer_bits(model), calib, Path(tmp))
         shutil.copyfile(path, folder / "model.onnx")
     artifact = folder / "model.onnx"
-    acc, per_class, ort_pred = _ort_accuracy(artifact, workload.data, workload.data.num_classes)
+    acc, per_class, ort_pred = evaluate_onnx_accuracy(artifact, workload.data)
     with torch.no_grad():
         torch_pred = np.concatenate([model(x).argmax(1).numpy() for x, _ in batches(workload.data.val, 256)])
     agreement = float((torch_pred == ort_pred).mean())

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 __all__ = ["baseline_trial", "front_entries", "trial_record", "write_front"]
 
 METRIC_KEYS = ("latency_p95_ms", "latency_method", "energy_method", "artifact_bytes", "runtime_bits",
-               "runtime_kernels",
+               "runtime_kernels", "accuracy_method", "torch_accuracy",
                "per_class_accuracy", "seconds")
 
 

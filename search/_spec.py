@@ -86,6 +86,7 @@ class FinetuneSpec:
     steps: int = 150
     lr: float = 1e-3
     batch_size: int = 64
+    score: str = "torch"  # "artifact": accuracy of the exported ONNX file through ONNX Runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +201,8 @@ def _check_values(spec: StudySpec) -> None:
 
     if spec.trials < 1:
         raise SpecError(f"trials must be >= 1, got {spec.trials!r}")
+    if spec.finetune.score not in ("torch", "artifact"):
+        raise SpecError(f"[finetune] score must be 'torch' or 'artifact', got {spec.finetune.score!r}")
     if spec.sampler not in SAMPLERS:
         raise SpecError(f"unknown sampler {spec.sampler!r}; choose one of {list(SAMPLERS)}")
     if not spec.name or "/" in spec.name or spec.name.startswith("."):

@@ -188,12 +188,13 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     names = list(spec.objectives)
     say(f"study {spec.name!r}: {workload.description}, base accuracy {workload.base_accuracy:.4f}; "
         f"{len(space.distributions())} knobs over {len(space.layers)} layers / {len(space.groups)} "
-        f"pruning groups; storage {spec.storage_url}\n{profile.describe()}")
+        f"pruning groups; storage {spec.storage_url}\n{profile.describe()}"
+        + ("; accuracy scored on each trial's exported ONNX artifact" if spec.finetune.score == "artifact" else ""))
     ctx = EvalContext(
         data=workload.data, example_input=workload.example_input,
         finetune=FinetuneConfig(steps=spec.finetune.steps, lr=spec.finetune.lr,
                                 batch_size=spec.finetune.batch_size),
-        device=profile, seed=spec.seed,
+        device=profile, seed=spec.seed, score_artifact=spec.finetune.score == "artifact",
     )
     progress = Progress(spec.trials, "trials", stream=stream)
     progress.update(0, "starting")

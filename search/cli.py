@@ -30,6 +30,8 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
     if args.device or args.threads:
         changes["device"] = DeviceSpec(name=args.device or spec.device.name,
                                        threads=args.threads or spec.device.threads)
+    if getattr(args, "score", None):
+        changes["finetune"] = dataclasses.replace(spec.finetune, score=args.score)
     budgets = {k: getattr(args, k) for k in ("max_latency_ms", "max_size_kb", "max_energy_mj", "min_accuracy")
                if getattr(args, k, None) is not None}
     if budgets:
@@ -349,6 +351,8 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--devices-dir", default="studies/devices", help="where calibrated profiles live")
     p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--score", choices=["torch", "artifact"],
+                   help="accuracy of the fine-tuned torch candidate (default) or of its exported ONNX artifact")
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -127,3 +127,24 @@ def test_report_data_is_computed_before_drawing(tmp_path):
     assert data == build_report_data(result.study, ["accuracy", "size_bytes"], front, {"max_size_kb": 50.0}, "t", 1)
     html = write_report(data, tmp_path / "r.html").read_text()
     assert "Picked: trial 1" in html and "Per-class accuracy change" in html
+
+
+def test_score_artifact_scores_the_exported_onnx(tmp_path):
+    """--score artifact: each trial's accuracy is the ONNX file's, run by ONNX Runtime; the torch
+    figure is kept beside it and they agree within a point on int8 (fake quant matches the runtime)."""
+    spec = _spec(tmp_path, trials=2)
+    spec = spec.replace(finetune=FinetuneSpec(steps=10, lr=2e-3, batch_size=64, score="artifact"))
+    result = _quiet_run(spec)
+    trials = result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert [t.user_attrs["preset"] for t in trials] == ["dense", "uniform-int8"]
+    for t in trials:
+        assert t.user_attrs["accuracy_method"] == "exported ONNX artifact (onnxruntime)"
+        assert abs(t.values[0] - t.user_attrs["torch_accuracy"]) <= 0.01
+    assert 8 in set(trials[1].user_attrs["runtime_bits"].values())
+
+
+def test_bad_score_value_is_a_spec_error(tmp_path):
+    from edgeslim.spaces import SpecError
+
+    with pytest.raises(SpecError, match="score must be 'torch' or 'artifact', got 'onnx'"):
+        _spec(tmp_path, finetune=FinetuneSpec(score="onnx"))
