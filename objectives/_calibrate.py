@@ -153,7 +153,9 @@ def micro_model(k: Kernel, seed: int = 0) -> onnx.ModelProto:
 
 def chain_model(kernels: Sequence[Kernel], acts: Sequence[bool], seed: int = 0) -> onnx.ModelProto:
     """Kernels connected output to input, each as its :func:`micro_model`; ``acts[i]`` False drops
-    the ReLU after kernel ``i`` (the two halves of a low-rank pair meet without one).
+    the ReLU after kernel ``i`` (the two halves of a low-rank pair meet without one). An ``add``
+    kernel takes the previous kernel's output and, as its second input, the output of the kernel
+    two back (a residual block: conv, conv, add).
 
     Example:
         >>> a = Kernel("conv", 8, cin=8, cout=8, k=3, h=8, w=8, ho=8, wo=8)
@@ -163,11 +165,14 @@ def chain_model(kernels: Sequence[Kernel], acts: Sequence[bool], seed: int = 0) 
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     prev = "x"
+    outs: list[str] = []
     for i, k in enumerate(kernels):
         g = micro_model(k, seed + i).graph
         last = i == len(kernels) - 1
         drop_act = not last and not acts[i]
         rename = {"x": prev, "out": "out" if last else f"k{i}_out"}
+        if k.op == "add":
+            rename["x2"] = outs[i - 2] if i >= 2 else "x"
         if drop_act:  # the Relu's input becomes the kernel's output
             relu = next(n for n in g.node if n.op_type == "Relu" and n.output[0] == "out")
             rename[relu.input[0]] = rename["out"]
@@ -185,8 +190,9 @@ def chain_model(kernels: Sequence[Kernel], acts: Sequence[bool], seed: int = 0) 
             new_t.name = f"k{i}_{t.name}"
             inits.append(new_t)
         prev = rename["out"]
+        outs.append(prev)
         if i == 0:
-            inputs = list(g.input)
+            inputs = [g.input[0]]
         outputs = list(g.output)
     weight_only = any(k.weight_only for k in kernels)
     graph = helper.make_graph(nodes, "edgeslim_chain", inputs, outputs, initializer=inits)
@@ -211,6 +217,15 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
         gemm = rng.random() < 0.2
         hw = 1 if gemm else int(rng.choice((4, 8, 8, 14, 16, 16, 28, 32, 32, 56)))
         c = ch()
+        if not gemm and rng.random() < 0.3:  # a residual block: conv, conv, add(+ReLU)
+            b1, b2 = bits(False), bits(False)
+            ksz = int(rng.choice((1, 3, 3)))
+            kernels = [Kernel("conv", b1, c, c, ksz, 1, 1, hw, hw, hw, hw),
+                       Kernel("conv", b2, c, c, ksz, 1, 1, hw, hw, hw, hw),
+                       Kernel("add", 32, c, c, h=hw, w=hw, ho=hw, wo=hw)]
+            if sum(k.macs for k in kernels) <= MAX_MACS:
+                return kernels, [True, False]
+            continue
         kernels = []
         for _ in range(n):
             cout = ch()
@@ -226,9 +241,17 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
     raise RuntimeError("could not draw a kernel chain under the MAC limit")
 
 
-def chain_edges(n: int, acts: Sequence[bool]) -> list[tuple[int, int, bool]]:
-    """The edges of a chain of ``n`` kernels."""
-    return [(i, i + 1, bool(acts[i])) for i in range(n - 1)]
+def chain_edges(kernels: Sequence[Kernel], acts: Sequence[bool]) -> list[tuple[int, int, bool]]:
+    """The edges of a chain (see :func:`chain_model`), in the form :func:`extract_graph` gives.
+
+    Example:
+        >>> c = Kernel("conv", 32, cin=8, cout=8, k=3, h=8, w=8, ho=8, wo=8)
+        >>> chain_edges([c, c, Kernel("add", cin=8, cout=8, h=8, w=8, ho=8, wo=8)], [True, False])
+        [(0, 1, True), (1, 2, False), (0, 2, True)]
+    """
+    edges = [(i, i + 1, bool(acts[i])) for i in range(len(kernels) - 1)]
+    edges += [(i - 2, i, bool(acts[i - 2])) for i, k in enumerate(kernels) if k.op == "add" and i >= 2]
+    return edges
 
 
 def _out_hw(h: int, k: int, s: int) -> int:
@@ -418,7 +441,7 @@ def _fit_chains(model: LatencyModel, chains: Sequence[dict[str, Any]]) -> None:
     for c in chains:
         ks = [Kernel(**k) for k in c["chain"]["kernels"]]
         if all(model.covers(k) for k in ks):
-            rows.append((ks, chain_edges(len(ks), c["chain"]["acts"]), float(c["p50_ms"]), float(c["io_bytes"])))
+            rows.append((ks, chain_edges(ks, c["chain"]["acts"]), float(c["p50_ms"]), float(c["io_bytes"])))
     model.fit_boundaries(rows)
 
 

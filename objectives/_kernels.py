@@ -205,7 +205,8 @@ def boundary_class(producer: Kernel, consumer: Kernel, act: bool) -> str:
     ``q`` is an int8/int4-QDQ Conv/Gemm (quantized tensors in and out), ``c`` a float conv with
     channel counts that are multiples of 8 (x86 ONNX Runtime runs those in the blocked NCHWc
     layout, so a chain of them skips the layout reorders a lone kernel pays), ``f`` any other
-    kernel. ``+act`` marks a q>q boundary with an activation in between (dequantize, ReLU,
+    kernel, ``a`` a residual Add (+ReLU; ONNX Runtime folds it into a preceding float conv).
+    ``+act`` marks a q>q boundary with an activation in between (dequantize, ReLU,
     quantize) rather than a direct int8 hand-over (the halves of a low-rank pair).
 
     Example:
@@ -214,6 +215,8 @@ def boundary_class(producer: Kernel, consumer: Kernel, act: bool) -> str:
         ('q>q+act', 'q>f')
     """
     def domain(k: Kernel) -> str:
+        if k.op == "add":
+            return "a"
         if k.op in ("conv", "gemm") and k.bits <= 8 and not k.weight_only:
             return "q"
         if k.op == "conv" and k.bits == 32 and k.cin % 8 == 0 and k.cout % 8 == 0:

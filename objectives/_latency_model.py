@@ -25,7 +25,8 @@ from edgeslim.spaces import ObjectiveError
 __all__ = ["BOUNDARY_CLASSES", "LatencyModel", "TreeEnsemble", "boundary_terms"]
 
 MIN_KERNEL_MS = 1e-4
-BOUNDARY_CLASSES = ("q>q", "q>q+act", "q>c", "q>f", "c>q", "f>q", "c>c", "c>f", "f>c", "f>f")
+BOUNDARY_CLASSES = ("q>q", "q>q+act", "q>c", "q>f", "c>q", "f>q", "c>c", "c>f", "f>c", "f>f",
+                    "c>a", "q>a", "f>a", "a>c", "a>q", "a>f", "a>a")
 
 
 def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge]) -> np.ndarray:

@@ -130,6 +130,9 @@ def test_chain_models_run_and_match_their_kernels():
         assert out.shape[1] == ks[-1].cout
         relus = sum(n.op_type == "Relu" for n in model.graph.node)
         assert relus == 1 + sum(acts)  # the last kernel's, plus one per activated boundary
+    residual = next(c for c in (_calibrate.random_chain(rng) for _ in range(50)) if c[0][-1].op == "add")
+    adds = [n for n in _calibrate.chain_model(*residual).graph.node if n.op_type == "Add"]
+    assert len(adds) == 1 and adds[0].input[1] == "k0_out"  # the skip connection from the first conv
 
 
 def test_boundary_terms_recover_a_known_saving():
@@ -142,7 +145,7 @@ def test_boundary_terms_recover_a_known_saving():
         n = int(rng.integers(2, 5))
         ks = [Kernel("gemm", 32, int(rng.integers(8, 64)), int(rng.integers(8, 64))) for _ in range(n)]
         ks = [ks[0]] + [Kernel("gemm", 32, a.cout, b.cout) for a, b in zip(ks, ks[1:])]
-        edges = _calibrate.chain_edges(n, [True] * (n - 1))
+        edges = _calibrate.chain_edges(ks, [True] * (n - 1))
         lone, _ = model.predict(ks, 0)
         chains.append((ks, edges, lone - 0.002 * (n - 1), 0.0))  # 2 us saved per f>f boundary
     model.fit_boundaries(chains)
