@@ -27,21 +27,28 @@ __all__ = ["BOUNDARY_CLASSES", "LatencyModel", "TreeEnsemble", "boundary_terms"]
 MIN_KERNEL_MS = 1e-4
 BOUNDARY_CLASSES = ("q>q", "q>q+act", "q>c", "q>f", "c>q", "f>q", "c>c", "c>f", "f>c", "f>f",
                     "c>a", "q>a", "f>a", "a>c", "a>q", "a>f", "a>a")
+# where a boundary's saving grows with the tensor crossing it: layout reorders inside an NCHWc
+# chain and an Add folded into the conv before it; elsewhere it is a fixed per-node saving
+PER_MB_CLASSES = frozenset({"c>c", "c>a"})
 
 
 def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge]) -> np.ndarray:
-    """Per boundary class: how many edges of that class, and the MB of float tensor they carry.
+    """Per boundary class: how many edges of that class, and (for ``PER_MB_CLASSES``) the MB of
+    float tensor they carry.
 
     Example:
-        >>> k = Kernel("conv", 8, cin=16, cout=16, k=3, h=8, w=8, ho=8, wo=8)
-        >>> boundary_terms([k, k], [(0, 1, True)])[2:4].tolist()  # q>q+act: 1 edge, 4 KiB
+        >>> k = Kernel("conv", 32, cin=16, cout=16, k=3, h=8, w=8, ho=8, wo=8)
+        >>> i = 2 * BOUNDARY_CLASSES.index("c>c")
+        >>> boundary_terms([k, k], [(0, 1, True)])[i:i + 2].tolist()  # 1 edge, 4 KiB
         [1.0, 0.004096]
     """
     row = np.zeros(2 * len(BOUNDARY_CLASSES))
     for a, b, act in edges:
-        c = BOUNDARY_CLASSES.index(boundary_class(kernels[a], kernels[b], act))
+        cls = boundary_class(kernels[a], kernels[b], act)
+        c = BOUNDARY_CLASSES.index(cls)
         row[2 * c] += 1.0
-        row[2 * c + 1] += kernels[a].out_elems * 4 / 1e6
+        if cls in PER_MB_CLASSES:
+            row[2 * c + 1] += kernels[a].out_elems * 4 / 1e6
     return row
 
 
@@ -381,7 +388,7 @@ class LatencyModel:
         """Fit per-boundary-class savings (fixed + per MB) from measured kernel chains.
 
         Each chain is ``(kernels, edges, p50_ms, io_bytes)``; the target is what the lone-kernel
-        sum over-predicts, fitted by ridge regression weighted for relative error.
+        sum over-predicts, fitted by non-negative ridge least squares weighted for relative error.
         """
         self._check()
         if not chains:
@@ -392,11 +399,16 @@ class LatencyModel:
             lone, _ = self.predict(kernels, io)
             rows.append(boundary_terms(kernels, edges) / p50)
             target.append((lone - p50) / p50)
+        from scipy.optimize import nnls
+
         a, y = np.array(rows), np.array(target)
         scale = np.maximum(np.abs(a).max(axis=0), 1e-12)
         z = a / scale
-        coef = np.linalg.solve(z.T @ z + ridge * len(y) * np.eye(z.shape[1]), z.T @ y) / scale
-        self.boundaries_ = coef
+        # non-negative: a chain never pays more than its lone kernels did (they each paid their own
+        # reorders, quantize/dequantize and dispatch); ridge rows keep sparse classes near zero
+        k = z.shape[1]
+        coef, _ = nnls(np.vstack([z, math.sqrt(ridge * len(y)) * np.eye(k)]), np.concatenate([y, np.zeros(k)]))
+        self.boundaries_ = coef / scale
         return self
 
     def predict_module(self, module: Any, example_input: Any) -> tuple[float, float, int]:
