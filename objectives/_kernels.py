@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from edgeslim.spaces import ObjectiveError, QuantizedLayer
 
 __all__ = ["Kernel", "KERNEL_FEATURES", "Edge", "boundary_class", "extract_graph", "extract_kernels", "io_bytes",
-           "kernel_matrix", "kernel_type"]
+           "kernel_domain", "kernel_matrix", "kernel_type"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +53,15 @@ class Kernel:
     ho: int = 1
     wo: int = 1
     layer: str = ""
+
+    def __hash__(self) -> int:
+        # kernels key the latency model's cache on every prediction: hash the fields once
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.op, self.bits, self.cin, self.cout, self.k, self.stride, self.groups, self.h, self.w,
+                      self.ho, self.wo, self.layer))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     @property
     def macs(self) -> int:
@@ -214,17 +223,24 @@ def boundary_class(producer: Kernel, consumer: Kernel, act: bool) -> str:
         >>> boundary_class(a, a, True), boundary_class(a, Kernel("gemm", 32, cin=16, cout=4), False)
         ('q>q+act', 'q>f')
     """
-    def domain(k: Kernel) -> str:
-        if k.op == "add":
-            return "a"
-        if k.op in ("conv", "gemm") and k.bits <= 8 and not k.weight_only:
-            return "q"
-        if k.op == "conv" and k.bits == 32 and k.cin % 8 == 0 and k.cout % 8 == 0:
-            return "c"
-        return "f"
-
-    a, b = domain(producer), domain(consumer)
+    a, b = kernel_domain(producer), kernel_domain(consumer)
     return f"{a}>{b}" + ("+act" if act and a == b == "q" else "")
+
+
+def kernel_domain(k: Kernel) -> str:
+    """The side of a boundary a kernel stands on: ``q``, ``c``, ``a`` or ``f`` (see :func:`boundary_class`).
+
+    Example:
+        >>> kernel_domain(Kernel("conv", 32, cin=16, cout=32, k=3))
+        'c'
+    """
+    if k.op == "add":
+        return "a"
+    if k.op in ("conv", "gemm") and k.bits <= 8 and not k.weight_only:
+        return "q"
+    if k.op == "conv" and k.bits == 32 and k.cin % 8 == 0 and k.cout % 8 == 0:
+        return "c"
+    return "f"
 
 
 def extract_graph(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Kernel], list[Edge]]:
