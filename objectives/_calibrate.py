@@ -209,7 +209,7 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
         width = int(rng.choice(_CHANNELS[:10]))
         return width if rng.random() < 0.5 else max(2, int(width * rng.uniform(0.2, 1.0)))
 
-    def bits(gemm: bool) -> int:
+    def bits() -> int:
         return int(rng.choice((32, 8, 4), p=(0.4, 0.4, 0.2)))
 
     for _ in range(100):
@@ -218,7 +218,7 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
         hw = 1 if gemm else int(rng.choice((4, 8, 8, 14, 16, 16, 28, 32, 32, 56)))
         c = ch()
         if not gemm and rng.random() < 0.3:  # a residual block: conv, conv, add(+ReLU)
-            b1, b2 = bits(False), bits(False)
+            b1, b2 = bits(), bits()
             ksz = int(rng.choice((1, 3, 3)))
             kernels = [Kernel("conv", b1, c, c, ksz, 1, 1, hw, hw, hw, hw),
                        Kernel("conv", b2, c, c, ksz, 1, 1, hw, hw, hw, hw),
@@ -230,10 +230,10 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
         for _ in range(n):
             cout = ch()
             if gemm:
-                kernels.append(Kernel("gemm", bits(True), c, cout))
+                kernels.append(Kernel("gemm", bits(), c, cout))
             else:
                 ksz = int(rng.choice((1, 3, 3)))
-                kernels.append(Kernel("conv", bits(False), c, cout, ksz, 1, 1, hw, hw, hw, hw))
+                kernels.append(Kernel("conv", bits(), c, cout, ksz, 1, 1, hw, hw, hw, hw))
             c = cout
         acts = [bool(rng.random() < 0.75) for _ in range(n - 1)]
         if sum(k.macs for k in kernels) <= MAX_MACS:

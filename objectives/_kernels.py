@@ -14,6 +14,7 @@ import dataclasses
 import math
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from edgeslim.spaces import ObjectiveError, QuantizedLayer
 
 __all__ = ["Kernel", "KERNEL_FEATURES", "Edge", "boundary_class", "extract_graph", "extract_kernels", "io_bytes",
-           "kernel_domain", "kernel_matrix", "kernel_type"]
+           "boundary_name", "kernel_domain", "kernel_matrix", "kernel_type"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +59,15 @@ class Kernel:
         # kernels key the latency model's cache on every prediction: hash the fields once
         h = self.__dict__.get("_hash")
         if h is None:
-            h = hash((self.op, self.bits, self.cin, self.cout, self.k, self.stride, self.groups, self.h, self.w,
-                      self.ho, self.wo, self.layer))
+            h = hash((self.shape, self.layer))
             object.__setattr__(self, "_hash", h)
         return h
+
+    @property
+    def shape(self) -> tuple[Any, ...]:
+        """Everything but the layer name: kernels with equal shapes take equal time."""
+        return (self.op, self.bits, self.cin, self.cout, self.k, self.stride, self.groups, self.h, self.w,
+                self.ho, self.wo)
 
     @property
     def macs(self) -> int:
@@ -223,7 +229,16 @@ def boundary_class(producer: Kernel, consumer: Kernel, act: bool) -> str:
         >>> boundary_class(a, a, True), boundary_class(a, Kernel("gemm", 32, cin=16, cout=4), False)
         ('q>q+act', 'q>f')
     """
-    a, b = kernel_domain(producer), kernel_domain(consumer)
+    return boundary_name(kernel_domain(producer), kernel_domain(consumer), act)
+
+
+def boundary_name(a: str, b: str, act: bool) -> str:
+    """The class of a boundary from its two domains (see :func:`kernel_domain`).
+
+    Example:
+        >>> boundary_name("q", "q", True), boundary_name("c", "c", True)
+        ('q>q+act', 'c>c')
+    """
     return f"{a}>{b}" + ("+act" if act and a == b == "q" else "")
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim.objectives._kernels import KERNEL_FEATURES, Edge, Kernel, kernel_domain, kernel_matrix, kernel_type
+from edgeslim.objectives._kernels import (KERNEL_FEATURES, Edge, Kernel, boundary_name, kernel_domain,
+                                          kernel_matrix, kernel_type)
 from edgeslim.spaces import ObjectiveError
 
 __all__ = ["BOUNDARY_CLASSES", "LatencyModel", "TreeEnsemble", "boundary_terms"]
@@ -55,10 +56,8 @@ def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge]) -> np.ndarr
 
 
 _CLASS_INDEX = {  # (producer domain, consumer domain, act) -> (class index, per-MB term)
-    (a, b, act): (BOUNDARY_CLASSES.index(cls), cls in PER_MB_CLASSES)
+    (a, b, act): (BOUNDARY_CLASSES.index(boundary_name(a, b, act)), boundary_name(a, b, act) in PER_MB_CLASSES)
     for a in "qcaf" for b in "qcaf" for act in (False, True)
-    for cls in [f"{a}>{b}" + ("+act" if act and a == b == "q" else "")]
-    if cls in BOUNDARY_CLASSES
 }
 
 
@@ -309,8 +308,7 @@ class LatencyModel:
                         f"{self.device}` with --full, or freeze that layer's bits")
             # repeated blocks run identically shaped kernels: predict each shape once
             first: dict[tuple[Any, ...], int] = {}
-            slot = [first.setdefault((k.op, k.bits, k.cin, k.cout, k.k, k.stride, k.groups, k.h, k.w, k.ho, k.wo),
-                                     len(first)) for k in todo]
+            slot = [first.setdefault(k.shape, len(first)) for k in todo]
             uniq = sorted(first.values())
             p50, p95 = self._predict_rows([todo[slot.index(u)] for u in uniq], [types[slot.index(u)] for u in uniq])
             p50l, p95l = p50.tolist(), p95.tolist()
