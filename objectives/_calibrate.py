@@ -4,6 +4,7 @@ device, sampled adaptively where the fitted latency model errs most (the nn-Mete
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -355,16 +356,23 @@ class CalibrationResult:
     chains: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def _measure(kernels: Sequence[Kernel], threads: int, workdir: Path, offset: int,
-             tick: Callable[[], None], energy_reader: Any = None) -> list[dict[str, Any]]:
+def _measure_models(builders: Sequence[Callable[[int], onnx.ModelProto]], threads: int, workdir: Path,
+                    offset: int, tick: Callable[[], None], energy_reader: Any = None) -> list[dict[str, Any]]:
+    """Save, measure and delete each model in turn; ``builder(seed)`` makes model ``offset + i``."""
     out = []
-    for i, k in enumerate(kernels):
-        path = workdir / f"k{offset + i}.onnx"
-        onnx.save(micro_model(k, seed=offset + i), str(path))
+    for i, build in enumerate(builders):
+        path = workdir / f"m{offset + i}.onnx"
+        onnx.save(build(offset + i), str(path))
         out.append(_runner.measure_file(str(path), threads, offset + i, energy_reader=energy_reader))
         path.unlink()
         tick()
     return out
+
+
+def _measure(kernels: Sequence[Kernel], threads: int, workdir: Path, offset: int,
+             tick: Callable[[], None], energy_reader: Any = None) -> list[dict[str, Any]]:
+    return _measure_models([functools.partial(micro_model, k) for k in kernels], threads, workdir, offset,
+                           tick, energy_reader)
 
 
 def io_kernels() -> list[Kernel]:
@@ -425,15 +433,10 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
 
 def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: int, workdir: Path, offset: int,
                     tick: Callable[[], None], energy_reader: Any = None) -> list[dict[str, Any]]:
-    out = []
-    for i, (ks, acts) in enumerate(drawn):
-        path = workdir / f"c{offset + i}.onnx"
-        onnx.save(chain_model(ks, acts, seed=offset + i), str(path))
-        m = _runner.measure_file(str(path), threads, offset + i, energy_reader=energy_reader)
-        path.unlink()
-        out.append({"chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": list(acts)}, **m})
-        tick()
-    return out
+    meas = _measure_models([functools.partial(chain_model, ks, acts) for ks, acts in drawn], threads, workdir,
+                           offset, tick, energy_reader)
+    return [{"chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": list(acts)}, **m}
+            for (ks, acts), m in zip(drawn, meas)]
 
 
 def _fit_chains(model: LatencyModel, chains: Sequence[dict[str, Any]]) -> None:

@@ -68,24 +68,31 @@ def _fingerprint(arr: np.ndarray) -> str:
 
 
 def _weight_of_node(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto],
-                    arrays: Mapping[str, onnx.TensorProto], by_content: Mapping[str, str]) -> tuple[str, str] | None:
-    """(initializer name, layer FQN) of the weight a Conv/Gemm/MatMul node multiplies with.
+                    arrays: Mapping[str, onnx.TensorProto],
+                    by_content: Mapping[str, str]) -> tuple[str, str, int] | None:
+    """(initializer name, layer FQN, axis of the output channels in the stored initializer) of the
+    weight a Conv/Gemm/MatMul node multiplies with.
 
     The exporter names a weight after its layer (``fc.weight``), except where it folds a
     transpose into a new constant (``val_12``, 3-D inputs of nn.Linear): those are found by
-    their content, which is the layer's weight transposed bit for bit.
+    their content, which is the layer's weight transposed bit for bit. Conv and Gemm(transB=1)
+    weights are [out, in], MatMul and Gemm(transB=0) ones [in, out]; a Transpose in between flips it.
     """
     if len(node.input) < 2:
         return None
     name = node.input[1]
-    if name not in arrays and name in producers and producers[name].op_type == "Transpose":
+    via_transpose = name not in arrays and name in producers and producers[name].op_type == "Transpose"
+    if via_transpose:
         name = producers[name].input[0]
     if name not in arrays:
         return None
+    layout = _gemm_as_matmul(node) if node.op_type in ("Gemm", "MatMul") else (True, False)
+    axis = 0 if layout is None or layout[0] else 1
+    axis = 1 - axis if via_transpose and node.op_type != "Conv" else axis
     if name.endswith(".weight"):
-        return name, name[: -len(".weight")]
+        return name, name[: -len(".weight")], axis
     fqn = by_content.get(_fingerprint(onnx.numpy_helper.to_array(arrays[name])))
-    return (name, fqn) if fqn else None
+    return (name, fqn, axis) if fqn else None
 
 
 def activation_overrides(model: nn.Module) -> dict[str, tuple[float, int, float, int]]:
@@ -147,17 +154,17 @@ def quantize_onnx(fp32_path: Path, out_path: Path, bits_by_layer: Mapping[str, i
     wanted = {fqn: bits for fqn, bits in bits_by_layer.items() if bits <= 8}
     nodes, overrides, got = [], {}, {fqn: 32 for fqn in bits_by_layer}
     how = {fqn: "fp32" for fqn in bits_by_layer}
-    nbits: dict[str, str] = {}  # node name -> weight initializer, for MatMulNBits
+    nbits: dict[str, tuple[str, int]] = {}  # node name -> (weight initializer, output axis), for MatMulNBits
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
         found = _weight_of_node(node, producers, arrays, by_content)
         if found is None or found[1] not in wanted or got[found[1]] != 32:
             continue
-        w, fqn = found
+        w, fqn, axis = found
         if wanted[fqn] == 4 and node.op_type in ("Gemm", "MatMul"):
             if _gemm_as_matmul(node) is not None:
-                nbits[node.name] = w
+                nbits[node.name] = (w, axis)
                 got[fqn], how[fqn] = 4, "int4-matmulnbits"
             continue  # a Gemm with alpha/beta we cannot rewrite stays fp32 (recorded as such)
         nodes.append(node.name)
@@ -166,9 +173,6 @@ def quantize_onnx(fp32_path: Path, out_path: Path, bits_by_layer: Mapping[str, i
         # explicit per-channel scales: the very grid the fake-quantized weights sit on
         # (ONNX Runtime's own int4 rule, amax/7.5, would re-round them)
         weights = onnx.numpy_helper.to_array(arrays[w])
-        # output channels: Conv and Gemm(transB=1) weights are [out, in], MatMul/Gemm(transB=0) [in, out]
-        trans = _gemm_as_matmul(node) if node.op_type in ("Gemm", "MatMul") else (True, False)
-        axis = 0 if trans is None or trans[0] else 1
         amax = np.abs(np.moveaxis(weights, axis, 0).reshape(weights.shape[axis], -1)).max(axis=1)
         scales = np.maximum(amax / weight_qmax(wanted[fqn], reduce_range and wanted[fqn] == 8), 1e-12)
         qtype = QuantType.QInt4 if wanted[fqn] == 4 else QuantType.QInt8
@@ -220,7 +224,7 @@ def _gemm_as_matmul(node: onnx.NodeProto) -> tuple[bool, bool] | None:
     return bool(attrs.get("transB", 0)), len(node.input) > 2 and bool(node.input[2])
 
 
-def _to_matmul_nbits(src: Path, dst: Path, nbits: Mapping[str, str]) -> None:
+def _to_matmul_nbits(src: Path, dst: Path, nbits: Mapping[str, tuple[str, int]]) -> None:
     """Rewrite the named Gemm/MatMul nodes to ``MatMul(x, W[K, N]) (+ bias)`` and hand them to
     ONNX Runtime's MatMulNBits quantizer (4 bits, block 32, symmetric: the rule the torch side
     fake-quantizes with, so the grid-snapped weights are stored exactly)."""
@@ -236,12 +240,11 @@ def _to_matmul_nbits(src: Path, dst: Path, nbits: Mapping[str, str]) -> None:
         if node.name not in nbits:
             new_nodes.append(node)
             continue
-        trans_b, has_bias = _gemm_as_matmul(node) or (False, False)
-        w = onnx.numpy_helper.to_array(arrays[nbits[node.name]])
-        if node.input[1] != nbits[node.name]:  # W reached the node through a Transpose
-            trans_b = True
-        kn = np.ascontiguousarray(w.T if trans_b else w, dtype=np.float32)
-        w_name = f"{nbits[node.name]}.kn"
+        _, has_bias = _gemm_as_matmul(node) or (False, False)
+        init, out_axis = nbits[node.name]
+        w = onnx.numpy_helper.to_array(arrays[init])
+        kn = np.ascontiguousarray(w.T if out_axis == 0 else w, dtype=np.float32)
+        w_name = f"{init}.kn"
         graph.initializer.append(onnx.numpy_helper.from_array(kn, w_name))
         mm_out = f"{node.output[0]}.mm" if has_bias else node.output[0]
         mm_name = f"{node.name}.nbits"

@@ -112,10 +112,6 @@ class Kernel:
         """Width of the multiply-accumulates (MatMulNBits quantizes its input to int8 and computes in int8)."""
         return 8 if self.weight_only else self.bits
 
-    def features(self) -> list[float]:
-        """The regressor's feature vector (order: ``KERNEL_FEATURES``)."""
-        return kernel_matrix([self])[0][0].tolist()
-
 
 _OPS = {"conv": 0, "gemm": 1}
 
