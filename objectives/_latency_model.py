@@ -110,18 +110,7 @@ class TreeEnsemble:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Sum of the trees' leaf values for each row of ``x``."""
-        n_trees, width = self.feature.shape
-        n, n_feat = x.shape
-        # flat 1-D takes are several times faster than 2-D fancy indexing at these sizes
-        base = (np.arange(n_trees) * width)[:, None]
-        row_base = (np.arange(n) * n_feat)[None, :]
-        feature, threshold = self.feature.ravel(), self.threshold.ravel()
-        left, right, xs = self.left.ravel(), self.right.ravel(), x.ravel()
-        flat = np.broadcast_to(base, (n_trees, n)).copy()
-        for _ in range(self.depth):
-            go_left = xs.take(row_base + feature.take(flat)) <= threshold.take(flat)
-            flat = base + np.where(go_left, left.take(flat), right.take(flat))
-        return self.value.ravel().take(flat).sum(axis=0)
+        return _walk(_stack_trees([self]), np.zeros(len(x), dtype=np.int64), x)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (infinite thresholds of leaves stored as null)."""
@@ -148,14 +137,69 @@ class _TypeModel:
     n: int
     lin: np.ndarray | None = None  # ms per unit of each linear term (None: pure log-space model)
 
-    def predict_log(self, x: np.ndarray, terms: np.ndarray | None = None) -> np.ndarray:
-        z = (x - self.mean) / self.scale
-        out = z @ self.coef + self.intercept
-        if self.lin is not None and terms is not None:
-            out = out + np.log(np.maximum(terms @ self.lin, MIN_KERNEL_MS))
-        if self.trees is not None:
-            out = out + self.trees.predict(x)
-        return out
+    def predict_log(self, x: np.ndarray, terms: np.ndarray) -> np.ndarray:
+        return _eval_log(_stack_models([self]), np.zeros(len(x), dtype=np.int64), x, terms)
+
+
+def _stack_trees(ensembles: Sequence[TreeEnsemble | None]) -> dict[str, Any]:
+    """Ensembles (None: no trees) padded into one flat set of arrays; leaves and padding point to
+    themselves and add zero. Children are global flat indices, left then right, so each tree
+    level costs one take for all trees and rows."""
+    present = [e for e in ensembles if e is not None]
+    n_trees = max([e.feature.shape[0] for e in present] + [1])
+    width = max([e.feature.shape[1] for e in present] + [1])
+    shape = (len(ensembles), n_trees, width)
+    feature = np.zeros(shape, dtype=np.int64)
+    threshold = np.full(shape, np.inf)
+    left = np.broadcast_to(np.arange(width), shape).copy()
+    right, value = left.copy(), np.zeros(shape)
+    for i, e in enumerate(ensembles):
+        if e is None:
+            continue
+        t, w = e.feature.shape
+        feature[i, :t, :w], threshold[i, :t, :w] = e.feature, e.threshold
+        left[i, :t, :w], right[i, :t, :w], value[i, :t, :w] = e.left, e.right, e.value
+    child = np.stack([left, right], axis=-1).reshape(-1, width, 2) + \
+        (np.arange(len(ensembles) * n_trees) * width)[:, None, None]
+    return {"feature": feature.ravel(), "threshold": threshold.ravel(), "child": child.ravel(),
+            "value": value.ravel(), "n_trees": n_trees, "width": width,
+            "depth": max([e.depth for e in present] + [0])}
+
+
+def _walk(st: Mapping[str, Any], ti: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Sum of the leaf values of ensemble ``ti[r]``'s trees for each row ``r`` of ``x``."""
+    n, n_feat, width = x.shape[0], x.shape[1], st["width"]
+    flat = (ti[None, :] * st["n_trees"] + np.arange(st["n_trees"])[:, None]) * width
+    row = (np.arange(n) * n_feat)[None, :]
+    xs, feature, threshold, child = x.ravel(), st["feature"], st["threshold"], st["child"]
+    for _ in range(st["depth"]):
+        go_right = xs.take(row + feature.take(flat)) > threshold.take(flat)
+        flat = child.take(2 * flat + go_right)
+    return st["value"].take(flat).sum(axis=0)
+
+
+def _stack_models(models: Sequence[_TypeModel]) -> dict[str, Any]:
+    """Several types' regressors in one set of padded arrays, evaluated together by :func:`_eval_log`."""
+    n, n_feat = len(models), len(KERNEL_FEATURES)
+    return {
+        "coef": np.array([m.coef for m in models]).reshape(n, n_feat),
+        "mean": np.array([m.mean for m in models]).reshape(n, n_feat),
+        "scale": np.array([m.scale for m in models]).reshape(n, n_feat),
+        "intercept": np.array([m.intercept for m in models]),
+        "lin": np.array([m.lin if m.lin is not None else np.zeros(5) for m in models]),
+        "has_lin": np.array([m.lin is not None for m in models]),
+        "p95": np.array([m.p95_ratio for m in models]),
+        **_stack_trees([m.trees for m in models]),
+    }
+
+
+def _eval_log(st: Mapping[str, Any], ti: np.ndarray, x: np.ndarray, terms: np.ndarray) -> np.ndarray:
+    """Log kernel time of each row ``r`` of ``x`` (work ``terms``) under stacked model ``ti[r]``."""
+    z = (x - st["mean"][ti]) / st["scale"][ti]
+    log_t = (z * st["coef"][ti]).sum(axis=1) + st["intercept"][ti]
+    work = (terms * st["lin"][ti]).sum(axis=1)
+    log_t = log_t + np.where(st["has_lin"][ti], np.log(np.maximum(work, MIN_KERNEL_MS)), 0.0)
+    return log_t + _walk(st, ti, x)
 
 
 class LatencyModel:
@@ -319,61 +363,17 @@ class LatencyModel:
     def _stacked(self) -> dict[str, Any]:
         """Every type's regressor in one set of padded arrays, so a candidate's kernels of all types
         are evaluated in a handful of numpy operations (prediction stays well under a millisecond)."""
-        if getattr(self, "_stack", None) is not None:
-            return self._stack
-        names = sorted(self.types_)
-        models = [self.types_[t] for t in names]
-        n_feat = len(KERNEL_FEATURES)
-        ens = [m.trees for m in models]
-        n_trees = max([e.feature.shape[0] for e in ens if e is not None] + [1])
-        width = max([e.feature.shape[1] for e in ens if e is not None] + [1])
-        shape = (len(names), n_trees, width)
-        feature = np.zeros(shape, dtype=np.int64)
-        threshold = np.full(shape, np.inf)
-        self_idx = np.broadcast_to(np.arange(width), shape).copy()
-        left, right, value = self_idx.copy(), self_idx.copy(), np.zeros(shape)
-        for i, e in enumerate(ens):
-            if e is None:
-                continue
-            t, w = e.feature.shape
-            feature[i, :t, :w], threshold[i, :t, :w] = e.feature, e.threshold
-            left[i, :t, :w], right[i, :t, :w], value[i, :t, :w] = e.left, e.right, e.value
-        self._stack = {
-            "index": {t: i for i, t in enumerate(names)},
-            "coef": np.array([m.coef for m in models]).reshape(len(names), n_feat),
-            "mean": np.array([m.mean for m in models]).reshape(len(names), n_feat),
-            "scale": np.array([m.scale for m in models]).reshape(len(names), n_feat),
-            "intercept": np.array([m.intercept for m in models]),
-            "lin": np.array([m.lin if m.lin is not None else np.zeros(5) for m in models]),
-            "has_lin": np.array([m.lin is not None for m in models]),
-            "p95": np.array([m.p95_ratio for m in models]),
-            # children as global flat indices, left then right: one take per tree level
-            "feature": feature.ravel(), "threshold": threshold.ravel(),
-            "child": np.stack([left, right], axis=-1).reshape(-1, width, 2).__add__(
-                (np.arange(len(names) * n_trees) * width)[:, None, None]).ravel(),
-            "value": value.ravel(), "n_trees": n_trees, "width": width,
-            "depth": max([e.depth for e in ens if e is not None] + [0]),
-        }
+        if getattr(self, "_stack", None) is None:
+            names = sorted(self.types_)
+            self._stack = {"index": {t: i for i, t in enumerate(names)},
+                           **_stack_models([self.types_[t] for t in names])}
         return self._stack
 
     def _predict_rows(self, kernels: Sequence[Kernel], types: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         st = self._stacked()
         ti = np.array([st["index"][t] for t in types])
         x, terms = kernel_matrix(kernels)
-        z = (x - st["mean"][ti]) / st["scale"][ti]
-        log_t = (z * st["coef"][ti]).sum(axis=1) + st["intercept"][ti]
-        work = (terms * st["lin"][ti]).sum(axis=1)
-        log_t = log_t + np.where(st["has_lin"][ti], np.log(np.maximum(work, MIN_KERNEL_MS)), 0.0)
-        if st["depth"]:
-            n, n_feat, width = len(kernels), x.shape[1], st["width"]
-            flat = (ti[None, :] * st["n_trees"] + np.arange(st["n_trees"])[:, None]) * width
-            row = (np.arange(n) * n_feat)[None, :]
-            xs, feature, threshold, child = x.ravel(), st["feature"], st["threshold"], st["child"]
-            for _ in range(st["depth"]):
-                go_right = xs.take(row + feature.take(flat)) > threshold.take(flat)
-                flat = child.take(2 * flat + go_right)
-            log_t = log_t + st["value"].take(flat).sum(axis=0)
-        p50 = np.exp(log_t)
+        p50 = np.exp(_eval_log(st, ti, x, terms))
         return p50, p50 * st["p95"][ti]
 
     def predict(self, kernels: Sequence[Kernel], io_bytes: float = 0.0,
