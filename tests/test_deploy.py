@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -176,6 +177,69 @@ def test_4bit_conv_is_recorded_as_dequantized():
     candidate.eval()
     _, got, how = build_artifact(candidate, x, layer_bits(candidate), [x.numpy()], Path(tempfile.mkdtemp()))
     assert how == {"0": "int4-qdq", "3": "int4-matmulnbits"} and got == {"0": 4, "3": 4}
+
+
+def _pool_artifact(bits: int) -> tuple[Path, torch.Tensor, np.ndarray]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16 * 16, 10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    space = CompressionSpace.build(model, x)
+    candidate = space.realize(model, space.uniform_plan(bits=bits), reduce_range=True)
+    candidate.train()
+    candidate(torch.randn(8, 3, 32, 32))
+    candidate.eval()
+    path, got, _ = build_artifact(candidate, x, layer_bits(candidate), [x.numpy()], Path(tempfile.mkdtemp()))
+    assert set(got.values()) == {bits}
+    with torch.no_grad():
+        return path, x, candidate(x).numpy()
+
+
+def _optimized(path: Path, x: torch.Tensor) -> tuple[onnx.GraphProto, np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    return onnx.load(opts.optimized_model_filepath).graph, out
+
+
+def test_maxpool_between_dequantized_layers_runs_in_float():
+    """Between 4-bit (dequantized) convs ONNX Runtime would pool on uint8 with a slow generic
+    kernel; the artifact keeps the pool float, and agrees with the torch model as closely."""
+    from edgeslim.objectives._export import _keep_pools_float
+
+    path, x, ref = _pool_artifact(4)
+    assert _keep_pools_float(path) == 0  # the export did it already: nothing left to change
+    graph, out = _optimized(path, x)
+    producers = {t: n for n in graph.node for t in n.output}
+    feeders = [producers[n.input[0]].op_type for n in graph.node if n.op_type == "MaxPool"]
+    assert feeders and "QuantizeLinear" not in feeders  # a uint8 pool is fed by a QuantizeLinear
+    # undo the fix: ONNX Runtime then pools on uint8, and the outputs agree
+    raw = onnx.load(str(path))
+    source = {n.name[: -len(".Q")] + ".dq": n.input[0] for n in raw.graph.node if n.name.endswith(".float_in.Q")}
+    assert len(source) == 1
+    kept = [n for n in raw.graph.node if not n.name.endswith((".float_in.Q", ".float_in.DQ"))]
+    del raw.graph.node[:]
+    raw.graph.node.extend(kept)
+    for n in raw.graph.node:
+        n.input[:] = [source.get(t, t) for t in n.input]
+    unfixed = path.with_name("unfixed.onnx")
+    onnx.save(raw, str(unfixed))
+    raw_graph, raw_out = _optimized(unfixed, x)
+    raw_producers = {t: n for n in raw_graph.node for t in n.output}
+    assert [raw_producers[n.input[0]].op_type for n in raw_graph.node if n.op_type == "MaxPool"] == ["QuantizeLinear"]
+    # 4-bit layers: the Linear's dynamic int8 input quantization turns ulp-level differences
+    # upstream into ~1 % at the logits, for both graphs alike
+    scale = float(np.abs(ref).max())
+    assert np.abs(out - ref).max() <= 0.03 * scale and np.abs(raw_out - ref).max() <= 0.03 * scale
+
+
+def test_maxpool_next_to_int8_convs_keeps_the_fast_nhwc_pool():
+    """Next to int8 convs ONNX Runtime runs the pool as its fast NHWC uint8 kernel: left alone."""
+    path, x, _ = _pool_artifact(8)
+    assert not any(n.name.endswith(".float_in.Q") for n in onnx.load(str(path)).graph.node)
+    graph, _ = _optimized(path, x)
+    assert "NhwcMaxPool" in [n.op_type for n in graph.node]
 
 
 FRONT = [
