@@ -173,7 +173,7 @@ def chain_model(kernels: Sequence[Kernel], acts: Sequence[bool], seed: int = 0) 
         drop_act = not last and not acts[i]
         rename = {"x": prev, "out": "out" if last else f"k{i}_out"}
         if k.op == "add":
-            rename["x2"] = outs[i - 2] if i >= 2 else "x"
+            rename["x2"] = _residual_source(kernels, i, outs)
         if drop_act:  # the Relu's input becomes the kernel's output
             relu = next(n for n in g.node if n.op_type == "Relu" and n.output[0] == "out")
             rename[relu.input[0]] = rename["out"]
@@ -203,9 +203,23 @@ def chain_model(kernels: Sequence[Kernel], acts: Sequence[bool], seed: int = 0) 
     return model
 
 
+def _residual_source(kernels: Sequence[Kernel], i: int, outs: Sequence[str]) -> str:
+    """What the ``add`` at ``i`` adds to the previous kernel's output: the output of the kernel two
+    back (conv, conv, add) or, after an inverted residual (three convs), the chain's input."""
+    j = _residual_index(kernels, i)
+    return "x" if j < 0 else outs[j]
+
+
+def _residual_index(kernels: Sequence[Kernel], i: int) -> int:
+    if i == 3 and all(k.op == "conv" for k in kernels[:3]) and kernels[1].groups > 1:
+        return -1
+    return i - 2
+
+
 def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
     """2-4 connected convolutions (or Linears) at one spatial size, each at a random bit-width,
-    with channel counts drawn like :func:`random_kernel` draws them."""
+    with channel counts drawn like :func:`random_kernel` draws them; some are residual blocks
+    (conv, conv, add) and some inverted residuals (1x1 expand, depthwise 3x3, 1x1 project, add)."""
     def ch() -> int:
         width = int(rng.choice(_CHANNELS[:10]))
         return width if rng.random() < 0.5 else max(2, int(width * rng.uniform(0.2, 1.0)))
@@ -218,6 +232,21 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
         gemm = rng.random() < 0.2
         hw = 1 if gemm else int(rng.choice((4, 8, 8, 14, 16, 16, 28, 32, 32, 56)))
         c = ch()
+        if not gemm and rng.random() < 0.25:  # an inverted residual: 1x1 expand, depthwise 3x3, 1x1 project
+            c = int(rng.choice(_CHANNELS[:8]))
+            mid = c * int(rng.choice((1, 4, 6)))
+            stride = 2 if rng.random() < 0.25 else 1
+            ho = _out_hw(hw, 3, stride)
+            kernels = [Kernel("conv", bits(), c, mid, 1, 1, 1, hw, hw, hw, hw),
+                       Kernel("conv", 32 if rng.random() < 0.5 else bits(), mid, mid, 3, stride, mid, hw, hw, ho, ho),
+                       Kernel("conv", bits(), mid, c, 1, 1, 1, ho, ho, ho, ho)]
+            acts = [True, True]
+            if stride == 1 and rng.random() < 0.6:
+                kernels.append(Kernel("add", 32, c, c, h=ho, w=ho, ho=ho, wo=ho))
+                acts.append(False)
+            if sum(k.macs for k in kernels) <= MAX_MACS:
+                return kernels, acts
+            continue
         if not gemm and rng.random() < 0.3:  # a residual block: conv, conv, add(+ReLU)
             b1, b2 = bits(), bits()
             ksz = int(rng.choice((1, 3, 3)))
@@ -251,7 +280,8 @@ def chain_edges(kernels: Sequence[Kernel], acts: Sequence[bool]) -> list[tuple[i
         [(0, 1, True), (1, 2, False), (0, 2, True)]
     """
     edges = [(i, i + 1, bool(acts[i])) for i in range(len(kernels) - 1)]
-    edges += [(i - 2, i, bool(acts[i - 2])) for i, k in enumerate(kernels) if k.op == "add" and i >= 2]
+    edges += [(j, i, bool(acts[j])) for i, k in enumerate(kernels) if k.op == "add" and i >= 2
+              for j in [_residual_index(kernels, i)] if j >= 0]
     return edges
 
 
@@ -394,7 +424,9 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
     (reported as that round's held-out error), and measures neighbours of the worst quarter.
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
-    total = len(IO_SIZES) + len(types) * (per_type + rounds * (n_val + n_nb)) + CHAINS[mode]
+    rng = np.random.default_rng(seed + 1)
+    drawn = [random_chain(rng) for _ in range(CHAINS[mode])]
+    total = len(IO_SIZES) + len(types) * (per_type + rounds * (n_val + n_nb)) + sum(len(ks) + 1 for ks, _ in drawn)
     done = 0
 
     def tick() -> None:
@@ -403,11 +435,14 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
         if progress:
             progress(done, total)
 
-    rng = np.random.default_rng(seed + 1)
     with tempfile.TemporaryDirectory(prefix="edgeslim-cal-") as tmp:
         work = Path(tmp)
         kernels = io_kernels() + design(types, per_type, seed)
         meas = _measure(kernels, threads, work, 0, tick, energy_reader)
+        # chains first: their kernels, measured alone too, join the kernel design
+        chains, lone_kernels, lone_meas = _measure_chains(drawn, threads, work, len(kernels), tick, energy_reader)
+        kernels += lone_kernels
+        meas += lone_meas
         model = _fit(kernels, meas, device)
         history = []
         for r in range(rounds):
@@ -425,18 +460,33 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
             meas += vm + nm
             # full mode chooses each type's regressor by cross-validation (about a minute of fitting)
             model = _fit(kernels, meas, device, select=mode == "full" and r == rounds - 1)
-        chains = _measure_chains([random_chain(rng) for _ in range(CHAINS[mode])], threads, work,
-                                 len(kernels), tick, energy_reader)
         _fit_chains(model, chains)
     return CalibrationResult(kernels, meas, model, history, chains)
 
 
+_LONE_KEYS = ("p50_ms", "p95_ms", "io_bytes")
+
+
 def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: int, workdir: Path, offset: int,
-                    tick: Callable[[], None], energy_reader: Any = None) -> list[dict[str, Any]]:
-    meas = _measure_models([functools.partial(chain_model, ks, acts) for ks, acts in drawn], threads, workdir,
-                           offset, tick, energy_reader)
-    return [{"chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": list(acts)}, **m}
-            for (ks, acts), m in zip(drawn, meas)]
+                    tick: Callable[[], None], energy_reader: Any = None,
+                    ) -> tuple[list[dict[str, Any]], list[Kernel], list[dict[str, Any]]]:
+    """Each chain, then each of its kernels alone, back to back (the same machine state): a
+    chain's boundary saving is then measured lone times less the chain's, free of the kernel
+    model's own error. Returns the chain records and the lone kernels with their measurements."""
+    builders: list[Callable[[int], onnx.ModelProto]] = []
+    for ks, acts in drawn:
+        builders.append(functools.partial(chain_model, ks, acts))
+        builders += [functools.partial(micro_model, k) for k in ks]
+    meas = _measure_models(builders, threads, workdir, offset, tick, energy_reader)
+    records, lone_kernels, lone_meas, at = [], [], [], 0
+    for ks, acts in drawn:
+        whole, parts = meas[at], meas[at + 1: at + 1 + len(ks)]
+        at += 1 + len(ks)
+        records.append({"chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": list(acts)},
+                        "lone": [{k: m[k] for k in _LONE_KEYS} for m in parts], **whole})
+        lone_kernels += ks
+        lone_meas += parts
+    return records, lone_kernels, lone_meas
 
 
 def _fit_chains(model: LatencyModel, chains: Sequence[dict[str, Any]]) -> None:
@@ -444,7 +494,11 @@ def _fit_chains(model: LatencyModel, chains: Sequence[dict[str, Any]]) -> None:
     for c in chains:
         ks = [Kernel(**k) for k in c["chain"]["kernels"]]
         if all(model.covers(k) for k in ks):
-            rows.append((ks, chain_edges(ks, c["chain"]["acts"]), float(c["p50_ms"]), float(c["io_bytes"])))
+            lone = c.get("lone")
+            # the lone kernels' own times, each less the overhead its micro-model paid
+            lone_ms = None if not lone else sum(float(m["p50_ms"]) - model.overhead_ms(float(m["io_bytes"]))
+                                                for m in lone)
+            rows.append((ks, chain_edges(ks, c["chain"]["acts"]), float(c["p50_ms"]), float(c["io_bytes"]), lone_ms))
     model.fit_boundaries(rows)
 
 
@@ -468,8 +522,14 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0) ->
     for j in range(CHAINS[mode]):
         ks, acts = random_chain(rng)
         name = f"models/c{j:05d}.onnx"
-        onnx.save(chain_model(ks, acts, seed=len(kernels) + j), str(kit_dir / name))
-        entries.append({"file": name, "chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": acts}})
+        onnx.save(chain_model(ks, acts, seed=len(entries)), str(kit_dir / name))
+        parts = list(range(len(entries) + 1, len(entries) + 1 + len(ks)))
+        entries.append({"file": name, "chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": acts},
+                        "parts": parts})
+        for i, k in enumerate(ks):  # measured right after their chain, alone
+            part = f"models/c{j:05d}_{i}.onnx"
+            onnx.save(micro_model(k, seed=len(entries)), str(kit_dir / part))
+            entries.append({"file": part, "kernel": dataclasses.asdict(k)})
     kit_id = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12]
     manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, "mode": mode, "threads": threads,
                 "protocol": _runner.PROTOCOL, "entries": entries}
@@ -488,7 +548,10 @@ def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
     entries = [e for e in data["entries"] if "kernel" in e]
     kernels = [Kernel(**e["kernel"]) for e in entries]
     meas = [{k: e[k] for k in keys} for e in entries]
-    chains = [{"chain": e["chain"], **{k: e[k] for k in keys}} for e in data["entries"] if "chain" in e]
+    every = data["entries"]
+    chains = [{"chain": e["chain"], **{k: e[k] for k in keys},
+               **({"lone": [{k: every[i][k] for k in _LONE_KEYS} for i in e["parts"]]} if "parts" in e else {})}
+              for e in every if "chain" in e]
     model = _fit(kernels, meas, device, select=True)
     _fit_chains(model, chains)
     return CalibrationResult(kernels, meas, model, [], chains)

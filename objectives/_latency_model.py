@@ -268,6 +268,10 @@ class LatencyModel:
         self.boundaries_: np.ndarray | None = None
         return self
 
+    def overhead_ms(self, io_bytes: float) -> float:
+        """Per-inference overhead (dispatch, binding input/output of ``io_bytes``) in ms."""
+        return self._io_cost(io_bytes)
+
     def _io_cost(self, io_bytes: float) -> float:
         x = np.log2([p[0] + 1 for p in self.overhead_])
         y = [p[1] for p in self.overhead_]
@@ -394,20 +398,22 @@ class LatencyModel:
             p95, p50 = p95 * (p50 - saving) / p50, p50 - saving
         return p50, p95
 
-    def fit_boundaries(self, chains: Sequence[tuple[Sequence[Kernel], Sequence[Edge], float, float]],
+    def fit_boundaries(self, chains: Sequence[tuple[Sequence[Kernel], Sequence[Edge], float, float, float | None]],
                        ridge: float = 1e-2) -> LatencyModel:
         """Fit per-boundary-class savings (fixed + per MB) from measured kernel chains.
 
-        Each chain is ``(kernels, edges, p50_ms, io_bytes)``; the target is what the lone-kernel
-        sum over-predicts, fitted by non-negative ridge least squares weighted for relative error.
+        Each chain is ``(kernels, edges, p50_ms, io_bytes, lone_ms)``: ``lone_ms`` is the sum of
+        its kernels' measured lone times (overhead excluded), or None to use the model's
+        predictions instead. The target is what the lone-kernel sum over-predicts, fitted by
+        non-negative ridge least squares weighted for relative error.
         """
         self._check()
         if not chains:
             self.boundaries_ = None
             return self
         rows, target = [], []
-        for kernels, edges, p50, io in chains:
-            lone, _ = self.predict(kernels, io)
+        for kernels, edges, p50, io, lone_ms in chains:
+            lone = self.predict(kernels, io)[0] if lone_ms is None else self._io_cost(io) + lone_ms
             rows.append(boundary_terms(kernels, edges) / p50)
             target.append((lone - p50) / p50)
         from scipy.optimize import nnls

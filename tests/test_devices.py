@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 import onnx
@@ -15,7 +16,7 @@ from edgeslim.objectives import (
     DeviceProfile, Kernel, LatencyModel, ProfileError, extract_kernels, kernel_type, known_devices, load_device,
 )
 from edgeslim.objectives import _calibrate, _runner
-from edgeslim.objectives._latency_model import TreeEnsemble
+from edgeslim.objectives._latency_model import BOUNDARY_CLASSES, TreeEnsemble
 from edgeslim.objectives._power import RaplReader, find_rapl
 from edgeslim.search import DigitsResNet
 from edgeslim.search.cli import main
@@ -130,29 +131,54 @@ def test_chain_models_run_and_match_their_kernels():
         assert out.shape[1] == ks[-1].cout
         relus = sum(n.op_type == "Relu" for n in model.graph.node)
         assert relus == 1 + sum(acts)  # the last kernel's, plus one per activated boundary
-    residual = next(c for c in (_calibrate.random_chain(rng) for _ in range(50)) if c[0][-1].op == "add")
+    residual = next(c for c in (_calibrate.random_chain(rng) for _ in range(50)) if len(c[0]) == 3 and c[0][-1].op == "add")
     adds = [n for n in _calibrate.chain_model(*residual).graph.node if n.op_type == "Add"]
     assert len(adds) == 1 and adds[0].input[1] == "k0_out"  # the skip connection from the first conv
+    inverted = next(c for c in (_calibrate.random_chain(rng) for _ in range(200))
+                    if len(c[0]) == 4 and c[0][1].groups > 1 and c[0][-1].op == "add")
+    adds = [n for n in _calibrate.chain_model(*inverted).graph.node if n.op_type == "Add"]
+    assert adds[-1].input[1] == "x"  # an inverted residual adds the chain's input
+    assert _calibrate.chain_edges(*inverted) == [(0, 1, True), (1, 2, True), (2, 3, False)]
 
 
-def test_boundary_terms_recover_a_known_saving():
-    """Chains measured faster than their lone kernels by a known amount per boundary class: the fit
-    finds that amount, and predictions with edges drop by it."""
-    model, _ = _synthetic_model()
-    rng = np.random.default_rng(4)
+def _gemm_chains(model: LatencyModel, seed: int, kernel_bias: float) -> list[tuple[Any, ...]]:
+    """Chains whose lone kernels really take ``kernel_bias`` x the model's prediction, and run
+    2 us faster per (f>f) boundary than those lone kernels."""
+    rng = np.random.default_rng(seed)
     chains = []
     for _ in range(60):
         n = int(rng.integers(2, 5))
         ks = [Kernel("gemm", 32, int(rng.integers(8, 64)), int(rng.integers(8, 64))) for _ in range(n)]
         ks = [ks[0]] + [Kernel("gemm", 32, a.cout, b.cout) for a, b in zip(ks, ks[1:])]
         edges = _calibrate.chain_edges(ks, [True] * (n - 1))
-        lone, _ = model.predict(ks, 0)
-        chains.append((ks, edges, lone - 0.002 * (n - 1), 0.0))  # 2 us saved per f>f boundary
-    model.fit_boundaries(chains)
-    ks, edges, p50, _ = chains[0]
+        lone_ms = kernel_bias * sum(p for p, _ in model.predict_kernels(ks))
+        chains.append((ks, edges, model.overhead_ms(0) + lone_ms - 0.002 * (n - 1), 0.0, lone_ms))
+    return chains
+
+
+def test_boundary_terms_recover_a_known_saving():
+    """Chains measured faster than their lone kernels by a known amount per boundary class: the fit
+    finds that amount, and predictions with edges drop by it."""
+    model, _ = _synthetic_model()
+    chains = _gemm_chains(model, 4, 1.0)
+    model.fit_boundaries([c[:4] + (None,) for c in chains])  # lone times predicted by the model
+    ks, edges, p50, _, _ = chains[0]
     assert model.predict(ks, 0, edges)[0] == pytest.approx(p50, rel=0.02)
     again = LatencyModel.from_dict(json.loads(json.dumps(model.to_dict())))
     assert again.predict(ks, 0, edges)[0] == pytest.approx(model.predict(ks, 0, edges)[0])
+
+
+def test_boundary_fit_on_measured_lone_kernels_ignores_kernel_model_error():
+    """When the kernel model is 20 % off, savings fitted against its predictions absorb that error;
+    fitted against the chain's own lone kernels (measured) they come out right."""
+    model, _ = _synthetic_model()
+    chains = _gemm_chains(model, 5, 0.8)  # the kernels really run 20 % faster than predicted
+    i = 2 * BOUNDARY_CLASSES.index("f>f")
+    model.fit_boundaries(chains)
+    assert model.boundaries_[i] == pytest.approx(0.002, rel=0.05)
+    model.fit_boundaries([c[:4] + (None,) for c in chains])
+    # the model's 20 % error, partly mistaken for boundary savings
+    assert abs(model.boundaries_[i] - 0.002) > 0.1 * 0.002
 
 
 def test_uncovered_kernel_type_is_an_error_naming_layer_and_device():
@@ -252,7 +278,12 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     assert main(["calibrate", "--kit", str(kit)]) == 0
     manifest = json.loads((kit / "kit.json").read_text())
     assert manifest["kit_version"] == _runner.KIT_VERSION and (kit / "run_kit.py").is_file()
-    assert len(manifest["entries"]) == len(_calibrate.IO_SIZES) + 3 * len(_calibrate.KERNEL_TYPES) + 25
+    entries = manifest["entries"]
+    chains = [e for e in entries if "chain" in e]
+    parts = sum(len(e["parts"]) for e in chains)
+    assert len(chains) == 25 and len(entries) == len(_calibrate.IO_SIZES) + 3 * len(_calibrate.KERNEL_TYPES) + 25 + parts
+    for e in chains:  # each chain's kernels are in the kit alone too, measured right after it
+        assert [entries[i]["kernel"] for i in e["parts"]] == e["chain"]["kernels"]
     monkeypatch.setitem(_runner.PROTOCOL, "budget_s", 0.0)
     monkeypatch.setitem(_runner.PROTOCOL, "min_runs", 3)
     monkeypatch.setitem(_runner.PROTOCOL, "warmup", 1)
@@ -265,6 +296,8 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     profile = load_device("remote", devices_dir=devices)
     assert profile.predicts_latency and len(profile.latency_model.types_) == len(_calibrate.KERNEL_TYPES)
     assert profile.latency_model.boundaries_ is not None  # the kit's chains fitted the boundary terms
+    stored = json.loads((devices / "remote.json").read_text())["chains"]
+    assert len(stored) == 25 and all(len(c["lone"]) == len(c["chain"]["kernels"]) for c in stored)
     data = json.loads(out.read_text())
     data["kit_version"] = 99
     out.write_text(json.dumps(data))
