@@ -10,7 +10,7 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeslim.objectives import _runner
+from edgeslim.objectives._graph_fixes import keep_pools_float
 from edgeslim.objectives._kernels import Kernel
 from edgeslim.objectives._latency_model import LatencyModel
 from edgeslim.spaces import NBITS_BLOCK
@@ -125,8 +126,10 @@ def micro_model(k: Kernel, seed: int = 0) -> onnx.ModelProto:
         y_shape = shape
     elif k.op == "pool":
         inputs = [helper.make_tensor_value_info("x", f32, [1, k.cin, k.h, k.w])]
+        pad = (k.ho - 1) * k.stride + k.k - k.h  # total padding that gives the kernel's output size
         nodes.append(helper.make_node("MaxPool", ["x"], ["out"], kernel_shape=[k.k, k.k],
-                                      strides=[k.stride, k.stride]))
+                                      strides=[k.stride, k.stride],
+                                      pads=[max(pad, 0) // 2, max(pad, 0) // 2, -(-max(pad, 0) // 2), -(-max(pad, 0) // 2)]))
         y_shape = [1, k.cout, k.ho, k.wo]
     elif k.op == "gpool":
         inputs = [helper.make_tensor_value_info("x", f32, [1, k.cin, k.h, k.w])]
@@ -200,6 +203,7 @@ def chain_model(kernels: Sequence[Kernel], acts: Sequence[bool], seed: int = 0) 
     opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if weight_only else [])
     model = helper.make_model(graph, opset_imports=opsets, producer_name="edgeslim-calibrate")
     model.ir_version = IR_VERSION
+    keep_pools_float(model)  # as export does: pools next to dequantized layers stay float
     return model
 
 
@@ -257,15 +261,23 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
                 return kernels, [True, False]
             continue
         kernels = []
-        for _ in range(n):
+        if not gemm and rng.random() < 0.2:  # a first layer: few input channels, NCHW input
+            kernels.append(Kernel("conv", bits(), int(rng.choice((1, 3))), c, 3, 1, 1, hw, hw, hw, hw))
+        for i in range(n):
             cout = ch()
             if gemm:
                 kernels.append(Kernel("gemm", bits(), c, cout))
             else:
+                if kernels and hw >= 8 and rng.random() < 0.2:  # a max pool halving the map
+                    pk = int(rng.choice((2, 3)))
+                    kernels.append(Kernel("pool", 32, c, c, pk, 2, 1, hw, hw, hw // 2, hw // 2))
+                    hw //= 2
                 ksz = int(rng.choice((1, 3, 3)))
                 kernels.append(Kernel("conv", bits(), c, cout, ksz, 1, 1, hw, hw, hw, hw))
             c = cout
-        acts = [bool(rng.random() < 0.75) for _ in range(n - 1)]
+        n = len(kernels)
+        # a pool has no ReLU of its own to drop
+        acts = [k.op == "pool" or bool(rng.random() < 0.75) for k in kernels[:-1]]
         if sum(k.macs for k in kernels) <= MAX_MACS:
             return kernels, acts
     raise RuntimeError("could not draw a kernel chain under the MAC limit")
@@ -417,16 +429,19 @@ def _fit(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], device: str,
 
 def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
               progress: Callable[[int, int], None] | None = None, energy_reader: Any = None,
-              types: Sequence[str] = KERNEL_TYPES) -> CalibrationResult:
+              types: Sequence[str] = KERNEL_TYPES, focus: Sequence[Kernel] = ()) -> CalibrationResult:
     """Measure an initial design, then adaptively add points where the model errs most.
 
     Each round draws fresh validation kernels, records the current model's error on them
     (reported as that round's held-out error), and measures neighbours of the worst quarter.
+    ``focus`` kernels (those the models to be searched run, see ``workload_kernels``) join the
+    initial design: the model is then exact where the search will ask it most.
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
     rng = np.random.default_rng(seed + 1)
     drawn = [random_chain(rng) for _ in range(CHAINS[mode])]
     total = len(IO_SIZES) + len(types) * (per_type + rounds * (n_val + n_nb)) + sum(len(ks) + 1 for ks, _ in drawn)
+    total += len(focus)
     done = 0
 
     def tick() -> None:
@@ -437,7 +452,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
 
     with tempfile.TemporaryDirectory(prefix="edgeslim-cal-") as tmp:
         work = Path(tmp)
-        kernels = io_kernels() + design(types, per_type, seed)
+        kernels = io_kernels() + design(types, per_type, seed) + list(focus)
         meas = _measure(kernels, threads, work, 0, tick, energy_reader)
         # chains first: their kernels, measured alone too, join the kernel design
         chains, lone_kernels, lone_meas = _measure_chains(drawn, threads, work, len(kernels), tick, energy_reader)
@@ -503,14 +518,15 @@ def _fit_chains(model: LatencyModel, chains: Sequence[dict[str, Any]]) -> None:
 
 
 # ---- remote kits -----------------------------------------------------------------------------
-def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0) -> Path:
+def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, focus: Sequence[Kernel] = (),
+              focus_info: Mapping[str, Any] | None = None) -> Path:
     """A self-contained kit: micro-models, ``kit.json`` and ``run_kit.py`` (numpy + onnxruntime).
 
     Remote devices cannot refit between rounds, so the kit holds a fixed design the size of the
-    mode's whole adaptive budget.
+    mode's whole adaptive budget, plus the ``focus`` kernels.
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
-    kernels = io_kernels() + design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed)
+    kernels = io_kernels() + design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed) + list(focus)
     kit_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, k in enumerate(kernels):
@@ -532,7 +548,7 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0) ->
             entries.append({"file": part, "kernel": dataclasses.asdict(k)})
     kit_id = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12]
     manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, "mode": mode, "threads": threads,
-                "protocol": _runner.PROTOCOL, "entries": entries}
+                "protocol": _runner.PROTOCOL, "entries": entries, **({"focus": dict(focus_info)} if focus_info else {})}
     (kit_dir / "kit.json").write_text(json.dumps(manifest, indent=1))
     shutil.copyfile(_runner.__file__, kit_dir / "run_kit.py")
     return kit_dir

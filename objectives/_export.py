@@ -18,6 +18,7 @@ import onnx
 import torch
 from torch import nn
 
+from edgeslim.objectives._graph_fixes import keep_pools_float
 from edgeslim.spaces import ObjectiveError, dequantized_copy, weight_qmax
 
 __all__ = ["LatencyStats", "RUNTIME_KERNELS", "export_onnx", "measure_latency", "quantize_onnx", "build_artifact",
@@ -216,83 +217,11 @@ def quantize_onnx(fp32_path: Path, out_path: Path, bits_by_layer: Mapping[str, i
     return out_path, got, how
 
 
-# pooling ops ONNX Runtime would otherwise run on uint8 between int8 layers
-_FLOAT_POOLS = ("MaxPool",)
-
-
 def _keep_pools_float(path: Path) -> int:
-    """Keep max-pooling between int8 layers in float; returns how many pools were changed.
-
-    ONNX Runtime moves a QuantizeLinear that follows a MaxPool to before it and then runs the
-    pool on uint8 (its QDQ propagation and drop rules), with a generic kernel: on the
-    development VM a ResNet-18 stem pool took 5.97 ms that way against 0.25 ms in float, and
-    a lone 48×112×112 pool 6.5 ms against 1.4 ms with its float Q/DQ pair. Next to an int8
-    (QLinearConv) layer it becomes the NHWC uint8 pool instead, which is fast (a uniformly int8
-    ResNet-18 ran 100.4 ms with it, 102.3 ms with a float pool): that case is left alone.
-    Otherwise the pool's input
-    gets a Q/DQ pair of its own whose scale is one float ulp above the output's, so the rules
-    no longer match. Max commutes with the (monotone) quantization, so outputs do not change
-    beyond exact rounding ties.
-    """
+    """:func:`keep_pools_float` on an ONNX file (rewritten in place when anything changed)."""
     model = onnx.load(str(path))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
-    def int8_conv(n: onnx.NodeProto | None) -> bool:
-        if n is None or n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in producers:
-            return False
-        dq = producers[n.input[1]]
-        w = inits.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
-        return w is not None and w.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
-
-    def neighbour(tensor: str, up: bool) -> onnx.NodeProto | None:
-        """The first node past Q/DQ/Relu up- or downstream of ``tensor`` (None at a fork)."""
-        for _ in range(8):
-            nxt = [producers[tensor]] if up and tensor in producers else consumers.get(tensor, []) if not up else []
-            if len(nxt) != 1:
-                return None
-            if nxt[0].op_type not in ("QuantizeLinear", "DequantizeLinear", "Relu"):
-                return nxt[0]
-            tensor = nxt[0].input[0] if up else nxt[0].output[0]
-        return None
-
-    changed, nodes = 0, []
-    for node in graph.node:
-        qs = [q for q in consumers.get(node.output[0], []) if q.op_type == "QuantizeLinear"]
-        # next to an int8 conv ONNX Runtime runs the pool in its NHWC uint8 form, which is fast
-        if node.op_type not in _FLOAT_POOLS or len(qs) != 1 or len(node.output) != 1 \
-                or qs[0].input[1] not in inits or len(qs[0].input) < 3 or qs[0].input[2] not in inits \
-                or int8_conv(neighbour(node.input[0], True)) or int8_conv(neighbour(node.output[0], False)):
-            nodes.append(node)
-            continue
-        q = qs[0]
-        scale = onnx.numpy_helper.to_array(inits[q.input[1]])
-        tag = f"{node.name}.float_in"
-        nudged = np.nextafter(scale, np.float32(np.inf)).astype(scale.dtype)
-        graph.initializer.append(onnx.numpy_helper.from_array(nudged, f"{tag}.scale"))
-        dq = producers.get(node.input[0])
-        if dq is not None and dq.op_type == "DequantizeLinear":
-            # the input is dequantized already: a changed scale on that side breaks the match
-            if dq.input[1] in inits and np.array_equal(onnx.numpy_helper.to_array(inits[dq.input[1]]), scale):
-                inits[q.input[1]].CopyFrom(onnx.numpy_helper.from_array(nudged, q.input[1]))
-                changed += 1
-            nodes.append(node)
-            continue
-        src = node.input[0]
-        nodes.append(onnx.helper.make_node("QuantizeLinear", [src, f"{tag}.scale", q.input[2]], [f"{tag}.q"],
-                                           name=f"{tag}.Q"))
-        nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{tag}.q", f"{tag}.scale", q.input[2]],
-                                           [f"{tag}.dq"], name=f"{tag}.DQ"))
-        node.input[0] = f"{tag}.dq"
-        nodes.append(node)
-        changed += 1
+    changed = keep_pools_float(model)
     if changed:
-        del graph.node[:]
-        graph.node.extend(nodes)
         onnx.save(model, str(path))
     return changed
 

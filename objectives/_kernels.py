@@ -213,9 +213,10 @@ Edge = tuple[int, int, bool]  # producer kernel index, consumer kernel index, ac
 def boundary_class(producer: Kernel, consumer: Kernel, act: bool) -> str:
     """How two connected kernels meet, which decides what the runtime does between them.
 
-    ``q`` is an int8/int4-QDQ Conv/Gemm (quantized tensors in and out), ``c`` a float conv with
-    channel counts that are multiples of 8 (x86 ONNX Runtime runs those in the blocked NCHWc
-    layout, so a chain of them skips the layout reorders a lone kernel pays), ``f`` any other
+    ``q`` is an int8/int4-QDQ Conv/Gemm (quantized tensors in and out), ``c`` a float conv
+    (channels padded to the block; depthwise from 8 channels) or a max pool over a multiple of
+    8 channels (x86 ONNX Runtime runs those in the blocked NCHWc layout, so a chain of them skips
+    the layout reorders a lone kernel pays; seen in ONNX Runtime 1.32's optimized graphs), ``f`` any other
     kernel, ``a`` a residual Add (+ReLU; ONNX Runtime folds it into a preceding float conv).
     ``+act`` marks a q>q boundary with an activation in between (dequantize, ReLU,
     quantize) rather than a direct int8 hand-over (the halves of a low-rank pair).
@@ -238,6 +239,11 @@ def boundary_name(a: str, b: str, act: bool) -> str:
     return f"{a}>{b}" + ("+act" if act and a == b == "q" else "")
 
 
+# channel block of ONNX Runtime's NCHWc layout on AVX2 (MLAS); AVX-512 uses 16, and the fitted
+# boundary savings absorb the difference on such devices
+NCHWC_BLOCK = 8
+
+
 def kernel_domain(k: Kernel) -> str:
     """The side of a boundary a kernel stands on: ``q``, ``c``, ``a`` or ``f`` (see :func:`boundary_class`).
 
@@ -249,8 +255,13 @@ def kernel_domain(k: Kernel) -> str:
         return "a"
     if k.op in ("conv", "gemm") and k.bits <= 8 and not k.weight_only:
         return "q"
-    if k.op == "conv" and k.bits == 32 and k.cin % 8 == 0 and k.cout % 8 == 0:
+    if k.op == "pool" and k.cin % NCHWC_BLOCK == 0:  # pools inside an NCHWc chain run blocked too
         return "c"
+    if k.op == "conv" and k.bits == 32:
+        # ONNX Runtime pads channels up to the block (a first layer with few input channels reads
+        # NCHW directly); depthwise convs go blocked from one block of channels up
+        if k.groups == 1 or (k.groups == k.cin == k.cout and k.cin >= NCHWC_BLOCK):
+            return "c"
     return "f"
 
 

@@ -149,7 +149,8 @@ def _kit_main(argv: list[str] | None = None) -> int:
     print(file=sys.stderr)
     out = {"kit_version": manifest["kit_version"], "kit_id": manifest["kit_id"], "facts": device_facts(threads),
            "protocol": {**PROTOCOL, **manifest.get("protocol", {})},
-           "entries": [{**e, **r} for e, r in zip(manifest["entries"], results)]}
+           "entries": [{**e, **r} for e, r in zip(manifest["entries"], results)],
+           **({"focus": manifest["focus"]} if "focus" in manifest else {})}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}; copy it back and run: edgeslim calibrate --fit {args.out} --device NAME")
     return 0

@@ -12,11 +12,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.objectives import DeviceProfile, build_artifact, measure_latency
+from edgeslim.objectives import DeviceProfile, Kernel, build_artifact, measure_latency
 from edgeslim.search._workloads import DigitsCNN, DigitsResNet
-from edgeslim.spaces import CompressionSpace, layer_bits
+from edgeslim.spaces import CompressionSpace, RuleSet, SpecError, layer_bits
 
-__all__ = ["CheckRow", "CheckSummary", "VALIDATION_WORKLOADS", "check_latency", "summarize"]
+__all__ = ["CheckRow", "CheckSummary", "FOCUS_PLANS", "VALIDATION_WORKLOADS", "check_latency", "summarize",
+           "workload_kernels"]
+
+# random plans per target model whose kernels a focused calibration measures (beside the dense
+# and uniform int8/int4 presets), by calibration mode
+FOCUS_PLANS = {"quick": 6, "full": 20}
+# plans for calibration are drawn from their own stream, never from check-latency's seeds
+_FOCUS_SEED = 7919
 
 
 def _tv(name: str) -> Callable[[], nn.Module]:
@@ -119,3 +126,62 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                 if progress:
                     progress(len(rows), total)
     return rows
+
+
+def _focus_target(target: str) -> tuple[nn.Module, torch.Tensor, RuleSet | None]:
+    """A built-in check workload by name, or the model, input and space rules of a study spec."""
+    if target in VALIDATION_WORKLOADS:
+        factory, shape = VALIDATION_WORKLOADS[target]
+        torch.manual_seed(0)
+        return factory().eval(), torch.randn(shape), None
+    path = Path(target)
+    if path.suffix == ".toml" and path.is_file():
+        from edgeslim.search._spec import load_spec
+        from edgeslim.search._workloads import _BUILTINS, _user_model
+
+        spec = load_spec(path)
+        torch.manual_seed(spec.seed)
+        if spec.model.builtin:
+            factory, size, _ = _BUILTINS[spec.model.builtin]
+            model, shape = factory(), (1, 1, size, size)
+        else:
+            model, shape = _user_model(spec), (1, *spec.model.input_shape)
+        return model.eval(), torch.randn(shape), spec.space.rule_set()
+    raise SpecError(f"--for {target!r} is neither a built-in workload ({', '.join(VALIDATION_WORKLOADS)}) "
+                    "nor a study spec .toml file; give one of those")
+
+
+def workload_kernels(targets: Sequence[str], plans: int, seed: int = 0,
+                     progress: Callable[[int, int], None] | None = None) -> list[Kernel]:
+    """The distinct kernels that candidates of the target models run: a calibration focused on them.
+
+    For each target (a built-in workload name or a study spec path) the dense plan, the uniform
+    int8 and int4 presets and ``plans`` random plans of its compression space are realized and
+    their kernels extracted; kernels repeated across plans are kept once. Random weights
+    suffice: kernel shapes do not depend on them.
+
+    Example:
+        >>> ks = workload_kernels(["digits-cnn"], plans=2)
+        >>> len(ks) > 10 and all(k.layer == "" for k in ks)
+        True
+    """
+    from edgeslim.objectives._kernels import extract_graph
+
+    rng = np.random.default_rng(seed + _FOCUS_SEED)
+    found: dict[tuple[Any, ...], Kernel] = {}
+    built = [_focus_target(t) for t in targets]  # bad targets fail before any work
+    total, done = len(built) * (plans + 3), 0
+    for model, x, rules in built:
+        space = CompressionSpace.build(model, x, rules) if rules is not None else CompressionSpace.build(model, x)
+        dists = space.distributions()
+        drawn = [space.dense_plan(), space.uniform_plan(bits=8), space.uniform_plan(bits=4)]
+        drawn += [space.plan_from_params({k: d.choices[int(rng.integers(len(d.choices)))] for k, d in dists.items()})
+                  for _ in range(plans)]
+        for plan in drawn:
+            kernels, _ = extract_graph(space.realize(model, plan), x)
+            for k in kernels:
+                found.setdefault(k.shape, dataclasses.replace(k, layer=""))
+            done += 1
+            if progress:
+                progress(done, total)
+    return list(found.values())

@@ -120,22 +120,42 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ProfileError(f"--threads {threads} exceeds this machine's {cores} cores; use at most {cores}")
     mode = "full" if args.full else "quick"
     devices = Path(args.devices_dir)
+    targets = [t for t in (args.for_ or "").split(",") if t]
+    if targets and args.fit:
+        raise ProfileError("--for chooses what a calibration measures; with --fit the kit already did "
+                           "(pass --for when writing the kit)")
+    if not args.kit:
+        if not args.device:
+            raise ProfileError("calibrate needs --device NAME (or --kit DIR to calibrate a remote device)")
+        if args.device == "local":
+            raise ProfileError("'local' is reserved for measuring on this machine; pick another --device name")
+        target = devices / f"{args.device}.json"
+        if target.exists() and not args.replace:
+            raise ProfileError(f"device profile {str(target)!r} already exists; pick another --device name "
+                               "or pass --replace (the old profile is kept as a .bak file)")
+    focus: list[Any] = []
+    if targets:
+        from edgeslim.search._check import FOCUS_PLANS, workload_kernels
+
+        fbar = Progress(1, "focus plans")
+
+        def fprogress(done: int, total: int) -> None:
+            fbar.total = total
+            fbar.update(done)
+
+        focus = workload_kernels(targets, FOCUS_PLANS[mode], args.seed or 0, fprogress)
+        print(f"focus: {len(focus)} distinct kernels from {FOCUS_PLANS[mode]} random plans and 3 presets of "
+              f"{', '.join(targets)}", file=sys.stderr)
     if args.kit:
-        kit = _calibrate.write_kit(Path(args.kit), threads, mode, args.seed or 0)
+        kit = _calibrate.write_kit(Path(args.kit), threads, mode, args.seed or 0, focus,
+                                   {"targets": targets, "plans": FOCUS_PLANS[mode], "kernels": len(focus)}
+                                   if targets else None)
         n = len(list((kit / "models").glob("*.onnx")))
         print(f"wrote kit {kit} ({n} micro-models, {mode} design, {threads} thread(s)). On the device:\n"
               f"  1. copy {kit} there; it needs Python 3, numpy and onnxruntime only\n"
               f"  2. python {kit / 'run_kit.py'} {kit} --out measurements.json\n"
               f"  3. back here: edgeslim calibrate --fit measurements.json --device NAME")
         return 0
-    if not args.device:
-        raise ProfileError("calibrate needs --device NAME (or --kit DIR to calibrate a remote device)")
-    if args.device == "local":
-        raise ProfileError("'local' is reserved for measuring on this machine; pick another --device name")
-    target = devices / f"{args.device}.json"
-    if target.exists() and not args.replace:
-        raise ProfileError(f"device profile {str(target)!r} already exists; pick another --device name "
-                           "or pass --replace (the old profile is kept as a .bak file)")
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     energy = EnergyConstants()
     if args.fit:
@@ -170,7 +190,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             if done == total or done % 10 == 0:
                 bar.update(done)
 
-        result = _calibrate.calibrate(args.device, threads, mode, args.seed or 0, progress, reader)
+        result = _calibrate.calibrate(args.device, threads, mode, args.seed or 0, progress, reader, focus=focus)
         facts, protocol = _runner.device_facts(threads), dict(_runner.PROTOCOL)
         if reader is not None:
             fitted = _calibrate.fit_energy(result.kernels, result.measurements,
@@ -185,6 +205,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                          for k, m in zip(result.kernels, result.measurements)],
         "chains": result.chains,
     }
+    if targets:
+        extra["focus"] = {"targets": targets, "plans": FOCUS_PLANS[mode], "kernels": len(focus)}
+    elif args.fit and data.get("focus"):
+        extra["focus"] = data["focus"]
     profile = DeviceProfile(name=args.device, threads=threads, energy=energy, latency_model=result.model,
                             facts=facts, profile_id=profile_id(facts, created), extra=extra)
     path = profile.save(target, replace=args.replace)
@@ -372,6 +396,10 @@ def _build_parser() -> argparse.ArgumentParser:
             mode.add_argument("--full", action="store_true", help="<= 20 min; more points, 3 adaptive rounds")
             p.add_argument("--kit", help="write a calibration kit for a remote device into this folder")
             p.add_argument("--fit", help="build the profile from a kit's measurements.json")
+            p.add_argument("--for", dest="for_", metavar="MODELS",
+                           help="also measure the kernels these models' candidates run: built-in workload names "
+                                "(digits-cnn, digits-resnet, resnet18@224, mobilenet_v2@224) or study spec .toml "
+                                "files, comma-separated")
             p.add_argument("--power-cmd", help="command printing watts, one reading per line (USB meter, INA219)")
             p.add_argument("--replace", action="store_true", help="replace an existing profile (kept as .bak)")
             p.add_argument("--devices-dir", default="studies/devices")
