@@ -303,32 +303,39 @@ class LatencyStats:
 
 def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, warmup: int = 20,
                     min_runs: int = 50, max_runs: int = 2000, budget_s: float = 1.0,
-                    seed: int = 0) -> LatencyStats:
+                    seed: int = 0, sessions: int = 1) -> LatencyStats:
     """Median and p95 latency of ``path`` with ONNX Runtime's CPU provider.
 
     Fixed intra-op threads, sequential execution, all graph optimizations, random (non-zero)
     input, ``warmup`` discarded runs, then runs until ``budget_s`` is spent (bounded by
-    ``min_runs``/``max_runs``). Each run is timed on its own.
+    ``min_runs``/``max_runs``). Each run is timed on its own. With ``sessions`` > 1 this is
+    repeated in that many fresh sessions and the median is the median of their medians: on a
+    shared VM one session of a small model can sit 10-20 % off another (buffer placement), which
+    one long session cannot average out.
     """
     from edgeslim.objectives._runner import make_session
 
-    try:  # the same session settings as calibration, so measured and predicted agree on protocol
-        sess = make_session(str(path), threads)
-    except Exception as e:
-        raise ObjectiveError(f"ONNX Runtime cannot load {path}: {e}") from e
-    name = sess.get_inputs()[0].name
     x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
-    feed = {name: x}
-    for _ in range(warmup):
-        sess.run(None, feed)
+    medians: list[float] = []
     times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter_ns()
-        sess.run(None, feed)
-        times.append((time.perf_counter_ns() - t0) / 1e6)
+    for _ in range(max(sessions, 1)):
+        try:  # the same session settings as calibration, so measured and predicted agree on protocol
+            sess = make_session(str(path), threads)
+        except Exception as e:
+            raise ObjectiveError(f"ONNX Runtime cannot load {path}: {e}") from e
+        feed = {sess.get_inputs()[0].name: x}
+        for _ in range(warmup):
+            sess.run(None, feed)
+        these: list[float] = []
+        start = time.perf_counter()
+        while len(these) < max_runs and (len(these) < min_runs or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter_ns()
+            sess.run(None, feed)
+            these.append((time.perf_counter_ns() - t0) / 1e6)
+        medians.append(float(np.median(these)))
+        times += these
     arr = np.asarray(times)
-    return LatencyStats(float(np.median(arr)), float(np.percentile(arr, 95)), float(arr.mean()),
+    return LatencyStats(float(np.median(medians)), float(np.percentile(arr, 95)), float(arr.mean()),
                         len(times), threads)
 
 

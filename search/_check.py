@@ -19,9 +19,12 @@ from edgeslim.spaces import CompressionSpace, RuleSet, SpecError, layer_bits
 __all__ = ["CheckRow", "CheckSummary", "FOCUS_PLANS", "VALIDATION_WORKLOADS", "check_latency", "summarize",
            "workload_kernels"]
 
+# fresh sessions each candidate is timed in (median of their medians; see measure_latency)
+CHECK_SESSIONS = 3
 # random plans per target model whose kernels a focused calibration measures (beside the dense
-# and uniform int8/int4 presets), by calibration mode
-FOCUS_PLANS = {"quick": 6, "full": 20}
+# and uniform int8/int4 presets), by calibration mode: at least `min`, then more while the
+# target's extraction time stays under `seconds` (small models get many plans, large ones few)
+FOCUS_PLANS = {"quick": {"min": 6, "max": 40, "seconds": 15.0}, "full": {"min": 20, "max": 150, "seconds": 60.0}}
 # plans for calibration are drawn from their own stream, never from check-latency's seeds
 _FOCUS_SEED = 7919
 
@@ -51,11 +54,17 @@ class CheckRow:
     plan: str
     predicted_ms: float
     measured_ms: float
+    remeasured_ms: float | None = None  # the same file timed again after all others (``repeat``)
 
     @property
     def error(self) -> float:
         """Signed relative error of the prediction."""
         return self.predicted_ms / self.measured_ms - 1.0
+
+    @property
+    def repeat_error(self) -> float | None:
+        """How far the second measurement of the same file lies from the first (None: not repeated)."""
+        return None if self.remeasured_ms is None else self.remeasured_ms / self.measured_ms - 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +72,9 @@ class CheckSummary:
     """Share within ±10 %, MAPE, Spearman rank correlation, worst cases.
 
     Example:
-        >>> s = summarize([CheckRow("w", "p", 1.0, 1.0), CheckRow("w", "q", 2.2, 2.0)])
-        >>> s.within_10pct, round(s.mape, 3)
-        (1.0, 0.05)
+        >>> s = summarize([CheckRow("w", "p", 1.0, 1.0, 1.05), CheckRow("w", "q", 2.1, 2.0, 2.5)])
+        >>> s.within_10pct, round(s.mape, 3), s.repeat_within_10pct
+        (1.0, 0.025, 0.5)
     """
 
     n: int
@@ -73,10 +82,15 @@ class CheckSummary:
     mape: float
     spearman: float
     worst: tuple[CheckRow, ...]
+    # share of repeat measurements within ±10 % of the first, and their mean deviation: the
+    # ceiling measurement noise puts on any predictor here (None when not repeated)
+    repeat_within_10pct: float | None = None
+    repeat_mape: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {"n": self.n, "within_10pct": self.within_10pct, "mape": self.mape, "spearman": self.spearman,
+                "repeat_within_10pct": self.repeat_within_10pct, "repeat_mape": self.repeat_mape,
                 "worst": [dict(dataclasses.asdict(r), error=r.error) for r in self.worst]}
 
 
@@ -88,22 +102,34 @@ def summarize(rows: Sequence[CheckRow], worst: int = 5) -> CheckSummary:
     rho = float(spearmanr([r.predicted_ms for r in rows], [r.measured_ms for r in rows]).statistic) \
         if len(rows) > 2 else float("nan")
     order = sorted(rows, key=lambda r: -abs(r.error))[:worst]
-    return CheckSummary(len(rows), float((errs <= 0.10).mean()), float(errs.mean()), rho, tuple(order))
+    rep = np.array([abs(r.repeat_error) for r in rows if r.repeat_error is not None])
+    return CheckSummary(len(rows), float((errs <= 0.10).mean()), float(errs.mean()), rho, tuple(order),
+                        float((rep <= 0.10).mean()) if len(rep) else None, float(rep.mean()) if len(rep) else None)
 
 
 def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int = 0,
                   workloads: Sequence[str] = tuple(VALIDATION_WORKLOADS),
                   progress: Callable[[int, int], None] | None = None,
-                  threads: int | None = None) -> list[CheckRow]:
+                  threads: int | None = None, repeat: bool = False) -> list[CheckRow]:
     """Sample random plans, predict with ``profile`` and measure the exported artifacts here.
 
     Measurement uses the profile's thread count unless ``threads`` says otherwise (to check
-    that a profile is specific to its thread setting).
+    that a profile is specific to its thread setting); each artifact is timed in
+    ``CHECK_SESSIONS`` fresh sessions and their median taken. With ``repeat`` every file is
+    timed a second time after all of them were, which shows how far this machine's own
+    measurements wander (``CheckRow.remeasured_ms``).
     """
     assert profile.latency_model is not None
     rng = np.random.default_rng(seed)
     rows: list[CheckRow] = []
-    total = samples_per_workload * len(workloads)
+    files: list[tuple[Path, tuple[int, ...]]] = []
+    total = samples_per_workload * len(workloads) * (2 if repeat else 1)
+    n_threads = threads or profile.threads
+
+    def measure(path: Path, shape: tuple[int, ...]) -> float:
+        return measure_latency(path, shape, threads=n_threads, budget_s=0.3, min_runs=10,
+                               sessions=CHECK_SESSIONS).p50_ms
+
     with tempfile.TemporaryDirectory(prefix="edgeslim-check-") as tmp:
         for w in workloads:
             factory, shape = VALIDATION_WORKLOADS[w]
@@ -121,10 +147,15 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                 predicted, _, _ = profile.latency_model.predict_module(model, x)
                 calib = [np.random.default_rng(j).standard_normal(shape).astype(np.float32) for j in range(4)]
                 path, _, _ = build_artifact(model, x, layer_bits(model), calib, Path(tmp), stem=f"{w}-{i}")
-                measured = measure_latency(path, shape, threads=threads or profile.threads, budget_s=0.5, min_runs=20).p50_ms
-                rows.append(CheckRow(w, plan.summary(), predicted, measured))
+                rows.append(CheckRow(w, plan.summary(), predicted, measure(path, shape)))
+                files.append((path, shape))
                 if progress:
                     progress(len(rows), total)
+        if repeat:
+            for i, (path, shape) in enumerate(files):
+                rows[i] = dataclasses.replace(rows[i], remeasured_ms=measure(path, shape))
+                if progress:
+                    progress(len(rows) + i + 1, total)
     return rows
 
 
@@ -151,37 +182,51 @@ def _focus_target(target: str) -> tuple[nn.Module, torch.Tensor, RuleSet | None]
                     "nor a study spec .toml file; give one of those")
 
 
-def workload_kernels(targets: Sequence[str], plans: int, seed: int = 0,
-                     progress: Callable[[int, int], None] | None = None) -> list[Kernel]:
+def workload_kernels(targets: Sequence[str], min_plans: int, max_plans: int | None = None,
+                     seconds: float = 0.0, seed: int = 0,
+                     progress: Callable[[int, int], None] | None = None) -> tuple[list[Kernel], dict[str, int]]:
     """The distinct kernels that candidates of the target models run: a calibration focused on them.
 
     For each target (a built-in workload name or a study spec path) the dense plan, the uniform
-    int8 and int4 presets and ``plans`` random plans of its compression space are realized and
-    their kernels extracted; kernels repeated across plans are kept once. Random weights
-    suffice: kernel shapes do not depend on them.
+    int8 and int4 presets and at least ``min_plans`` random plans of its compression space are
+    realized and their kernels extracted; more random plans follow, up to ``max_plans``, while
+    that target has taken less than ``seconds`` (a small model's space is covered densely, a
+    large one's sparsely). Kernels repeated across plans are kept once. Random weights suffice:
+    kernel shapes do not depend on them. Returns the kernels and the plans drawn per target.
 
     Example:
-        >>> ks = workload_kernels(["digits-cnn"], plans=2)
-        >>> len(ks) > 10 and all(k.layer == "" for k in ks)
-        True
+        >>> ks, plans = workload_kernels(["digits-cnn"], min_plans=2)
+        >>> len(ks) > 10 and all(k.layer == "" for k in ks), plans
+        (True, {'digits-cnn': 5})
     """
+    import time
+
     from edgeslim.objectives._kernels import extract_graph
 
     rng = np.random.default_rng(seed + _FOCUS_SEED)
     found: dict[tuple[Any, ...], Kernel] = {}
     built = [_focus_target(t) for t in targets]  # bad targets fail before any work
-    total, done = len(built) * (plans + 3), 0
-    for model, x, rules in built:
+    most = max(max_plans or min_plans, min_plans)
+    total, done, drawn_per = len(built) * (most + 3), 0, {}
+    for target, (model, x, rules) in zip(targets, built):
+        start = time.perf_counter()
         space = CompressionSpace.build(model, x, rules) if rules is not None else CompressionSpace.build(model, x)
         dists = space.distributions()
-        drawn = [space.dense_plan(), space.uniform_plan(bits=8), space.uniform_plan(bits=4)]
-        drawn += [space.plan_from_params({k: d.choices[int(rng.integers(len(d.choices)))] for k, d in dists.items()})
-                  for _ in range(plans)]
-        for plan in drawn:
-            kernels, _ = extract_graph(space.realize(model, plan), x)
-            for k in kernels:
-                found.setdefault(k.shape, dataclasses.replace(k, layer=""))
-            done += 1
-            if progress:
-                progress(done, total)
-    return list(found.values())
+        plans = [space.dense_plan(), space.uniform_plan(bits=8), space.uniform_plan(bits=4)]
+        n = 0
+        while True:
+            for plan in plans:
+                kernels, _ = extract_graph(space.realize(model, plan), x)
+                for k in kernels:
+                    found.setdefault(k.shape, dataclasses.replace(k, layer=""))
+                done += 1
+                if progress:
+                    progress(done, total)
+            n += len(plans)
+            if n - 3 >= most or (n - 3 >= min_plans and time.perf_counter() - start >= seconds):
+                break
+            plans = [space.plan_from_params({k: d.choices[int(rng.integers(len(d.choices)))]
+                                             for k, d in dists.items()})]
+        drawn_per[target] = n
+        total -= most + 3 - n  # what this target did not need
+    return list(found.values()), drawn_per

@@ -134,6 +134,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             raise ProfileError(f"device profile {str(target)!r} already exists; pick another --device name "
                                "or pass --replace (the old profile is kept as a .bak file)")
     focus: list[Any] = []
+    focus_plans: dict[str, int] = {}
     if targets:
         from edgeslim.search._check import FOCUS_PLANS, workload_kernels
 
@@ -143,13 +144,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             fbar.total = total
             fbar.update(done)
 
-        focus = workload_kernels(targets, FOCUS_PLANS[mode], args.seed or 0, fprogress)
-        print(f"focus: {len(focus)} distinct kernels from {FOCUS_PLANS[mode]} random plans and 3 presets of "
-              f"{', '.join(targets)}", file=sys.stderr)
+        budget = FOCUS_PLANS[mode]
+        focus, focus_plans = workload_kernels(targets, budget["min"], budget["max"], budget["seconds"],
+                                              args.seed or 0, fprogress)
+        print(f"focus: {len(focus)} distinct kernels from " + ", ".join(
+            f"{t} ({n} plans)" for t, n in focus_plans.items()), file=sys.stderr)
     if args.kit:
         kit = _calibrate.write_kit(Path(args.kit), threads, mode, args.seed or 0, focus,
-                                   {"targets": targets, "plans": FOCUS_PLANS[mode], "kernels": len(focus)}
-                                   if targets else None)
+                                   {"plans": focus_plans, "kernels": len(focus)} if targets else None)
         n = len(list((kit / "models").glob("*.onnx")))
         print(f"wrote kit {kit} ({n} micro-models, {mode} design, {threads} thread(s)). On the device:\n"
               f"  1. copy {kit} there; it needs Python 3, numpy and onnxruntime only\n"
@@ -206,7 +208,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "chains": result.chains,
     }
     if targets:
-        extra["focus"] = {"targets": targets, "plans": FOCUS_PLANS[mode], "kernels": len(focus)}
+        extra["focus"] = {"plans": focus_plans, "kernels": len(focus)}
     elif args.fit and data.get("focus"):
         extra["focus"] = data["focus"]
     profile = DeviceProfile(name=args.device, threads=threads, energy=energy, latency_model=result.model,
@@ -240,7 +242,9 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
     if unknown:
         raise SpecError(f"unknown workloads {unknown}; choose from {list(VALIDATION_WORKLOADS)}")
     bar = Progress(args.samples * len(workloads), "candidates")
-    rows = check_latency(profile, args.samples, args.seed or 0, workloads, lambda d, t: bar.update(d), args.threads)
+    bar.total *= 2 if args.repeat else 1
+    rows = check_latency(profile, args.samples, args.seed or 0, workloads, lambda d, t: bar.update(d), args.threads,
+                         args.repeat)
     summary = summarize(rows)
     if args.format == "json":
         print(json.dumps({"device": profile.name, "profile_id": profile.profile_id,
@@ -254,6 +258,9 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
         print(f"{w:<18} {s.n:>3} {s.within_10pct:>12.0%} {s.mape:>7.1%}")
     print(f"{'all':<18} {summary.n:>3} {summary.within_10pct:>12.0%} {summary.mape:>7.1%}   "
           f"Spearman {summary.spearman:.3f}")
+    if summary.repeat_within_10pct is not None:
+        print(f"measured again: {summary.repeat_within_10pct:.0%} of the files within ±10% of their first "
+              f"measurement (mean deviation {summary.repeat_mape:.1%}): what noise leaves any predictor here")
     print("worst cases:")
     for r in summary.worst:
         print(f"  {r.workload:<18} predicted {r.predicted_ms:8.4f} ms  measured {r.measured_ms:8.4f} ms  "
@@ -432,6 +439,8 @@ def _build_parser() -> argparse.ArgumentParser:
             p.add_argument("--samples", type=int, default=6, help="random plans per workload (default 6)")
             p.add_argument("--workloads", help="comma-separated subset of the validation workloads")
             p.add_argument("--threads", type=int, help="measure with this many threads (default: the profile's)")
+            p.add_argument("--repeat", action="store_true",
+                           help="time every file a second time at the end, to show this machine's measurement noise")
             p.add_argument("--devices-dir", default="studies/devices")
             p.add_argument("--seed", type=int)
             p.add_argument("--format", choices=["table", "json"], default="table")

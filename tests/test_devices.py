@@ -305,6 +305,21 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     assert "kit version 99" in capsys.readouterr().err
 
 
+def _cover_digits_cnn() -> LatencyModel:
+    """A synthetic model covering every kernel type a compressed digits CNN can run."""
+    ks, ms = [], []
+    rng = np.random.default_rng(1)
+    for t in ("conv_kxk@8", "conv_kxk@4", "conv_kxk@32", "conv_pw@8", "conv_pw@4", "conv_pw@32", "gemm@8",
+              "gemm@4", "gemm@32", "pool@32", "gpool@32"):
+        for _ in range(6):
+            k = _calibrate.random_kernel(t, rng)
+            ks.append(k)
+            ms.append({"p50_ms": 0.02 + 1e-6 * k.macs, "p95_ms": 0.03 + 1e-6 * k.macs, "io_bytes": 0})
+    io_k = _calibrate.io_kernels()
+    io_m = [{"p50_ms": 0.02, "p95_ms": 0.025, "io_bytes": k.cin * 8} for k in io_k]
+    return LatencyModel(device="cover").fit(io_k + ks, io_m + ms)
+
+
 def test_search_with_a_calibrated_profile_predicts_latency(tmp_path):
     import io
 
@@ -341,10 +356,44 @@ def test_local_calibration_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setitem(_runner.PROTOCOL, "budget_s", 0.0)
     monkeypatch.setitem(_runner.PROTOCOL, "min_runs", 3)
     monkeypatch.setitem(_runner.PROTOCOL, "warmup", 1)
-    assert main(["calibrate", "--device", "tiny", "--devices-dir", str(tmp_path)]) == 0
+    from edgeslim.search import _check
+
+    monkeypatch.setitem(_check.FOCUS_PLANS, "quick", {"min": 2, "max": 2, "seconds": 0.0})
+    assert main(["calibrate", "--device", "tiny", "--devices-dir", str(tmp_path), "--for", "digits-cnn"]) == 0
     profile = load_device("tiny", devices_dir=tmp_path)
     data = json.loads((tmp_path / "tiny.json").read_text())
     assert len(data["chains"]) == 12 and len(data["rounds"]) == 1
+    assert all(len(c["lone"]) == len(c["chain"]["kernels"]) for c in data["chains"])
+    assert data["focus"]["plans"] == {"digits-cnn": 5}  # dense, int8, int4 presets + 2 random plans
     assert profile.latency_model.boundaries_ is not None
     p50, p95, n = profile.latency_model.predict_module(DigitsResNet().eval(), torch.zeros(1, 1, 32, 32))
     assert n == 23 and p95 >= p50 > 0
+    # the focus: every kernel the dense digits CNN runs was measured as it is
+    from edgeslim.objectives._kernels import extract_graph
+    from edgeslim.search import DigitsCNN
+
+    measured = {Kernel(**m["kernel"]).shape for m in data["measurements"]}
+    dense, _ = extract_graph(DigitsCNN().eval(), torch.randn(1, 1, 8, 8))
+    assert {k.shape for k in dense} <= measured
+
+
+def test_check_latency_repeat_reports_measurement_noise(tmp_path, monkeypatch, capsys):
+    """check-latency --repeat times each file twice and reports how far the two lie apart."""
+    model = _cover_digits_cnn()
+    DeviceProfile(name="cover", threads=1, latency_model=model, facts={}, profile_id="c1").save(tmp_path / "cover.json")
+    code = main(["check-latency", "--device", "cover", "--devices-dir", str(tmp_path), "--workloads", "digits-cnn",
+                 "--samples", "2", "--repeat", "--format", "json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["rows"]) == 2 and all(r["remeasured_ms"] > 0 for r in out["rows"])
+    rep = [abs(r["remeasured_ms"] / r["measured_ms"] - 1) for r in out["rows"]]
+    assert out["summary"]["repeat_mape"] == pytest.approx(float(np.mean(rep)))
+
+
+def test_calibrate_for_bad_targets(tmp_path, capsys):
+    assert main(["calibrate", "--device", "x", "--devices-dir", str(tmp_path), "--for", "resnet99"]) == 2
+    assert "resnet99" in capsys.readouterr().err
+    assert main(["calibrate", "--fit", "m.json", "--device", "x", "--for", "digits-cnn",
+                 "--devices-dir", str(tmp_path)]) == 2
+    assert "--for" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
