@@ -396,6 +396,40 @@ class CalibrationResult:
     model: LatencyModel
     rounds: list[dict[str, float]]
     chains: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    reference: list[float] = dataclasses.field(default_factory=list)  # REFERENCE_KERNELS' p50 in ms
+
+
+# a compute-bound float conv, an int8 conv, a memory-bound depthwise conv and a Linear: timed at
+# the start and end of a calibration and again by check-latency, they tell how far the device's
+# speed has moved since (a shared VM's neighbours, a board's thermal state)
+REFERENCE_KERNELS: tuple[Kernel, ...] = (
+    Kernel("conv", 32, 64, 64, 3, 1, 1, 28, 28, 28, 28),
+    Kernel("conv", 8, 64, 64, 3, 1, 1, 28, 28, 28, 28),
+    Kernel("conv", 32, 96, 96, 3, 1, 96, 56, 56, 56, 56),
+    Kernel("gemm", 32, 512, 512),
+)
+
+
+def measure_reference(threads: int, workdir: Path) -> list[float]:
+    """p50 in ms of each of :data:`REFERENCE_KERNELS`, each in its own fresh session."""
+    out = _measure_models([functools.partial(micro_model, k) for k in REFERENCE_KERNELS], threads, workdir,
+                          10_000_000, lambda: None)
+    return [float(m["p50_ms"]) for m in out]
+
+
+def reference_from(first: Sequence[float], last: Sequence[float]) -> list[float]:
+    """One reference time per kernel from two timings of the set (their mean)."""
+    return [(a + b) / 2 for a, b in zip(first, last)]
+
+
+def speed_ratio(now: Sequence[float], then: Sequence[float]) -> float:
+    """Geometric mean of now/then over the reference kernels: 1.1 means 10 % slower now.
+
+    Example:
+        >>> round(speed_ratio([1.1, 2.2], [1.0, 2.0]), 3)
+        1.1
+    """
+    return float(np.exp(np.mean(np.log(np.asarray(now) / np.asarray(then)))))
 
 
 def _measure_models(builders: Sequence[Callable[[int], onnx.ModelProto]], threads: int, workdir: Path,
@@ -452,6 +486,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
 
     with tempfile.TemporaryDirectory(prefix="edgeslim-cal-") as tmp:
         work = Path(tmp)
+        first = measure_reference(threads, work)
         kernels = io_kernels() + design(types, per_type, seed) + list(focus)
         meas = _measure(kernels, threads, work, 0, tick, energy_reader)
         # chains first: their kernels, measured alone too, join the kernel design
@@ -476,7 +511,8 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
             # full mode chooses each type's regressor by cross-validation (about a minute of fitting)
             model = _fit(kernels, meas, device, select=mode == "full" and r == rounds - 1)
         _fit_chains(model, chains)
-    return CalibrationResult(kernels, meas, model, history, chains)
+        reference = reference_from(first, measure_reference(threads, work))
+    return CalibrationResult(kernels, meas, model, history, chains, reference)
 
 
 _LONE_KEYS = ("p50_ms", "p95_ms", "io_bytes")
@@ -528,10 +564,18 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
     per_type, rounds, n_val, n_nb = MODES[mode]
     kernels = io_kernels() + design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed) + list(focus)
     kit_dir.mkdir(parents=True, exist_ok=True)
-    entries = []
+    (kit_dir / "models").mkdir(exist_ok=True)
+    entries: list[dict[str, Any]] = []
+
+    def add_reference(tag: str) -> None:
+        for i, k in enumerate(REFERENCE_KERNELS):
+            name = f"models/ref_{tag}{i}.onnx"
+            onnx.save(micro_model(k), str(kit_dir / name))
+            entries.append({"file": name, "reference": i})
+
+    add_reference("a")
     for i, k in enumerate(kernels):
         name = f"models/k{i:05d}.onnx"
-        (kit_dir / "models").mkdir(exist_ok=True)
         onnx.save(micro_model(k, seed=i), str(kit_dir / name))
         entries.append({"file": name, "kernel": dataclasses.asdict(k)})
     rng = np.random.default_rng(seed + 2)
@@ -546,6 +590,7 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
             part = f"models/c{j:05d}_{i}.onnx"
             onnx.save(micro_model(k, seed=len(entries)), str(kit_dir / part))
             entries.append({"file": part, "kernel": dataclasses.asdict(k)})
+    add_reference("z")
     kit_id = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12]
     manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, "mode": mode, "threads": threads,
                 "protocol": _runner.PROTOCOL, "entries": entries, **({"focus": dict(focus_info)} if focus_info else {})}
@@ -570,7 +615,12 @@ def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
               for e in every if "chain" in e]
     model = _fit(kernels, meas, device, select=True)
     _fit_chains(model, chains)
-    return CalibrationResult(kernels, meas, model, [], chains)
+    refs = [e for e in every if "reference" in e]
+    reference = []
+    if len(refs) == 2 * len(REFERENCE_KERNELS):
+        half = len(REFERENCE_KERNELS)
+        reference = reference_from([e["p50_ms"] for e in refs[:half]], [e["p50_ms"] for e in refs[half:]])
+    return CalibrationResult(kernels, meas, model, [], chains, reference)
 
 
 def fit_energy(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], source: str) -> Any:

@@ -207,6 +207,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                          for k, m in zip(result.kernels, result.measurements)],
         "chains": result.chains,
     }
+    if result.reference:
+        extra["reference"] = {"kernels": [dataclasses.asdict(k) for k in _calibrate.REFERENCE_KERNELS],
+                              "p50_ms": result.reference}
     if targets:
         extra["focus"] = {"plans": focus_plans, "kernels": len(focus)}
     elif args.fit and data.get("focus"):
@@ -227,9 +230,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_check_latency(args: argparse.Namespace) -> int:
     """Compare a profile's predictions with latency measured here on random candidates."""
+    import tempfile
     from pathlib import Path
 
-    from edgeslim.objectives import load_device
+    from edgeslim.objectives import _calibrate, load_device
     from edgeslim.search._check import VALIDATION_WORKLOADS, check_latency, summarize
     from edgeslim.search._progress import Progress
     from edgeslim.spaces import SpecError
@@ -243,12 +247,23 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
         raise SpecError(f"unknown workloads {unknown}; choose from {list(VALIDATION_WORKLOADS)}")
     bar = Progress(args.samples * len(workloads), "candidates")
     bar.total *= 2 if args.repeat else 1
-    rows = check_latency(profile, args.samples, args.seed or 0, workloads, lambda d, t: bar.update(d), args.threads,
-                         args.repeat)
+    threads = args.threads or profile.threads
+    reference = (profile.extra.get("reference") or {}).get("p50_ms")
+    with tempfile.TemporaryDirectory(prefix="edgeslim-ref-") as tmp:
+        before = _calibrate.measure_reference(threads, Path(tmp)) if reference else None
+        rows = check_latency(profile, args.samples, args.seed or 0, workloads, lambda d, t: bar.update(d),
+                             args.threads, args.repeat)
+        now = _calibrate.reference_from(before, _calibrate.measure_reference(threads, Path(tmp))) if before else None
     summary = summarize(rows)
+    # how much slower (>1) the reference kernels run now than during calibration, and what the
+    # predictions would score scaled by it: drift of the device, not error of the model
+    ratio = _calibrate.speed_ratio(now, reference) if now and len(now) == len(reference) else None
+    scaled = summarize([dataclasses.replace(r, predicted_ms=r.predicted_ms * ratio) for r in rows]) if ratio else None
     if args.format == "json":
         print(json.dumps({"device": profile.name, "profile_id": profile.profile_id,
-                          "rows": [dataclasses.asdict(r) for r in rows], "summary": summary.to_dict()}, indent=2))
+                          "rows": [dataclasses.asdict(r) for r in rows], "summary": summary.to_dict(),
+                          "speed_ratio": ratio, "summary_drift_scaled": scaled.to_dict() if scaled else None},
+                         indent=2))
         return 0
     print(f"device {profile.name} ({profile.profile_id}), calibrated with {profile.threads} thread(s); measured here "
           f"with {args.threads or profile.threads} thread(s), same protocol")
@@ -258,6 +273,10 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
         print(f"{w:<18} {s.n:>3} {s.within_10pct:>12.0%} {s.mape:>7.1%}")
     print(f"{'all':<18} {summary.n:>3} {summary.within_10pct:>12.0%} {summary.mape:>7.1%}   "
           f"Spearman {summary.spearman:.3f}")
+    if ratio is not None and scaled is not None:
+        print(f"reference kernels run {abs(ratio - 1):.1%} {'slower' if ratio >= 1 else 'faster'} here now than "
+              f"during calibration; predictions scaled by that drift: {scaled.within_10pct:.0%} within ±10%, "
+              f"MAPE {scaled.mape:.1%} (recalibrate when the drift is large)")
     if summary.repeat_within_10pct is not None:
         print(f"measured again: {summary.repeat_within_10pct:.0%} of the files within ±10% of their first "
               f"measurement (mean deviation {summary.repeat_mape:.1%}): what noise leaves any predictor here")

@@ -281,7 +281,10 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     entries = manifest["entries"]
     chains = [e for e in entries if "chain" in e]
     parts = sum(len(e["parts"]) for e in chains)
-    assert len(chains) == 25 and len(entries) == len(_calibrate.IO_SIZES) + 3 * len(_calibrate.KERNEL_TYPES) + 25 + parts
+    refs = 2 * len(_calibrate.REFERENCE_KERNELS)  # the reference kernels open and close the kit
+    assert sum("reference" in e for e in entries) == refs
+    assert len(chains) == 25
+    assert len(entries) == len(_calibrate.IO_SIZES) + 3 * len(_calibrate.KERNEL_TYPES) + 25 + parts + refs
     for e in chains:  # each chain's kernels are in the kit alone too, measured right after it
         assert [entries[i]["kernel"] for i in e["parts"]] == e["chain"]["kernels"]
     monkeypatch.setitem(_runner.PROTOCOL, "budget_s", 0.0)
@@ -296,8 +299,10 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     profile = load_device("remote", devices_dir=devices)
     assert profile.predicts_latency and len(profile.latency_model.types_) == len(_calibrate.KERNEL_TYPES)
     assert profile.latency_model.boundaries_ is not None  # the kit's chains fitted the boundary terms
-    stored = json.loads((devices / "remote.json").read_text())["chains"]
+    saved = json.loads((devices / "remote.json").read_text())
+    stored = saved["chains"]
     assert len(stored) == 25 and all(len(c["lone"]) == len(c["chain"]["kernels"]) for c in stored)
+    assert len(saved["reference"]["p50_ms"]) == len(_calibrate.REFERENCE_KERNELS)
     data = json.loads(out.read_text())
     data["kit_version"] = 99
     out.write_text(json.dumps(data))
@@ -365,6 +370,8 @@ def test_local_calibration_end_to_end(tmp_path, monkeypatch):
     assert len(data["chains"]) == 12 and len(data["rounds"]) == 1
     assert all(len(c["lone"]) == len(c["chain"]["kernels"]) for c in data["chains"])
     assert data["focus"]["plans"] == {"digits-cnn": 5}  # dense, int8, int4 presets + 2 random plans
+    assert len(data["reference"]["p50_ms"]) == len(_calibrate.REFERENCE_KERNELS)
+    assert all(t > 0 for t in data["reference"]["p50_ms"])
     assert profile.latency_model.boundaries_ is not None
     p50, p95, n = profile.latency_model.predict_module(DigitsResNet().eval(), torch.zeros(1, 1, 32, 32))
     assert n == 23 and p95 >= p50 > 0
@@ -380,7 +387,10 @@ def test_local_calibration_end_to_end(tmp_path, monkeypatch):
 def test_check_latency_repeat_reports_measurement_noise(tmp_path, monkeypatch, capsys):
     """check-latency --repeat times each file twice and reports how far the two lie apart."""
     model = _cover_digits_cnn()
-    DeviceProfile(name="cover", threads=1, latency_model=model, facts={}, profile_id="c1").save(tmp_path / "cover.json")
+    # reference times twice what this machine takes: the check reports the device ~2x faster now
+    then = [2 * t for t in _calibrate.measure_reference(1, tmp_path)]
+    DeviceProfile(name="cover", threads=1, latency_model=model, facts={}, profile_id="c1",
+                  extra={"reference": {"p50_ms": then}}).save(tmp_path / "cover.json")
     code = main(["check-latency", "--device", "cover", "--devices-dir", str(tmp_path), "--workloads", "digits-cnn",
                  "--samples", "2", "--repeat", "--format", "json"])
     assert code == 0
@@ -388,6 +398,10 @@ def test_check_latency_repeat_reports_measurement_noise(tmp_path, monkeypatch, c
     assert len(out["rows"]) == 2 and all(r["remeasured_ms"] > 0 for r in out["rows"])
     rep = [abs(r["remeasured_ms"] / r["measured_ms"] - 1) for r in out["rows"]]
     assert out["summary"]["repeat_mape"] == pytest.approx(float(np.mean(rep)))
+    assert 0.3 < out["speed_ratio"] < 0.8  # about 0.5, give or take this VM's noise
+    row = out["rows"][0]
+    scaled_err = abs(row["predicted_ms"] * out["speed_ratio"] / row["measured_ms"] - 1)
+    assert scaled_err in [pytest.approx(abs(w["error"])) for w in out["summary_drift_scaled"]["worst"]]
 
 
 def test_calibrate_for_bad_targets(tmp_path, capsys):
