@@ -10,7 +10,7 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +222,8 @@ def _residual_index(kernels: Sequence[Kernel], i: int) -> int:
 
 def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
     """2-4 connected convolutions (or Linears) at one spatial size, each at a random bit-width,
-    with channel counts drawn like :func:`random_kernel` draws them; some are residual blocks
+    with channel counts drawn like :func:`random_kernel` draws them; some start with a first
+    layer (1-3 input channels) or put a max pool between two convs, some are residual blocks
     (conv, conv, add) and some inverted residuals (1x1 expand, depthwise 3x3, 1x1 project, add)."""
     def ch() -> int:
         width = int(rng.choice(_CHANNELS[:10]))
@@ -263,7 +264,7 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
         kernels = []
         if not gemm and rng.random() < 0.2:  # a first layer: few input channels, NCHW input
             kernels.append(Kernel("conv", bits(), int(rng.choice((1, 3))), c, 3, 1, 1, hw, hw, hw, hw))
-        for i in range(n):
+        for _ in range(n):
             cout = ch()
             if gemm:
                 kernels.append(Kernel("gemm", bits(), c, cout))
