@@ -48,7 +48,10 @@ def keep_pools_float(model: onnx.ModelProto) -> int:
     def neighbour(tensor: str, up: bool) -> onnx.NodeProto | None:
         """The first node past Q/DQ/Relu up- or downstream of ``tensor`` (None at a fork)."""
         for _ in range(8):
-            nxt = [producers[tensor]] if up and tensor in producers else consumers.get(tensor, []) if not up else []
+            if up:
+                nxt = [producers[tensor]] if tensor in producers else []
+            else:
+                nxt = consumers.get(tensor, [])
             if len(nxt) != 1:
                 return None
             if nxt[0].op_type not in ("QuantizeLinear", "DequantizeLinear", "Relu"):
@@ -68,7 +71,6 @@ def keep_pools_float(model: onnx.ModelProto) -> int:
         scale = onnx.numpy_helper.to_array(inits[q.input[1]])
         tag = f"{node.name or node.output[0]}.float_in"
         nudged = np.nextafter(scale, np.float32(np.inf)).astype(scale.dtype)
-        graph.initializer.append(onnx.numpy_helper.from_array(nudged, f"{tag}.scale"))
         dq = producers.get(node.input[0])
         if dq is not None and dq.op_type == "DequantizeLinear":
             # the input is dequantized already: a changed scale on that side breaks the match
@@ -78,6 +80,7 @@ def keep_pools_float(model: onnx.ModelProto) -> int:
             nodes.append(node)
             continue
         src = node.input[0]
+        graph.initializer.append(onnx.numpy_helper.from_array(nudged, f"{tag}.scale"))
         nodes.append(onnx.helper.make_node("QuantizeLinear", [src, f"{tag}.scale", q.input[2]], [f"{tag}.q"],
                                            name=f"{tag}.Q"))
         nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{tag}.q", f"{tag}.scale", q.input[2]],

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,10 @@ from torch import nn
 
 from edgeslim.objectives import DeviceProfile, Kernel, build_artifact, measure_latency
 from edgeslim.search._workloads import DigitsCNN, DigitsResNet
-from edgeslim.spaces import CompressionSpace, RuleSet, SpecError, layer_bits
+from edgeslim.spaces import CompressionSpace, Plan, RuleSet, SpecError, layer_bits
 
-__all__ = ["CheckRow", "CheckSummary", "FOCUS_PLANS", "VALIDATION_WORKLOADS", "check_latency", "summarize",
-           "workload_kernels"]
+__all__ = ["CheckRow", "CheckSummary", "FOCUS_PLANS", "VALIDATION_WORKLOADS", "check_latency", "random_plan",
+           "summarize", "workload_kernels"]
 
 # fresh sessions each candidate is timed in (median of their medians; see measure_latency)
 CHECK_SESSIONS = 3
@@ -139,8 +140,8 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
             space = CompressionSpace.build(base, x)
             dists = space.distributions()
             for i in range(samples_per_workload):
-                params = {k: d.choices[int(rng.integers(len(d.choices)))] for k, d in dists.items()}
-                plan = space.plan_from_params(params) if i else space.dense_plan()
+                drawn = random_plan(space, rng, dists)  # drawn for the dense one too: seeds keep their plans
+                plan = drawn if i else space.dense_plan()
                 model = space.realize(base, plan, reduce_range=profile.int8_reduce_range)
                 with torch.no_grad():
                     model(x)  # settle activation observers of quantized layers
@@ -157,6 +158,18 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                 if progress:
                     progress(len(rows) + i + 1, total)
     return rows
+
+
+def random_plan(space: CompressionSpace, rng: np.random.Generator,
+                dists: Mapping[str, Any] | None = None) -> Plan:
+    """A plan with every knob drawn uniformly from its choices (``dists``: the space's
+    distributions, passed in when drawing many).
+
+    Example:
+        >>> random_plan(space, np.random.default_rng(0))  # doctest: +SKIP
+    """
+    dists = dists if dists is not None else space.distributions()
+    return space.plan_from_params({k: d.choices[int(rng.integers(len(d.choices)))] for k, d in dists.items()})
 
 
 def _focus_target(target: str) -> tuple[nn.Module, torch.Tensor, RuleSet | None]:
@@ -212,21 +225,19 @@ def workload_kernels(targets: Sequence[str], min_plans: int, max_plans: int | No
         start = time.perf_counter()
         space = CompressionSpace.build(model, x, rules) if rules is not None else CompressionSpace.build(model, x)
         dists = space.distributions()
-        plans = [space.dense_plan(), space.uniform_plan(bits=8), space.uniform_plan(bits=4)]
+        presets = [space.dense_plan(), space.uniform_plan(bits=8), space.uniform_plan(bits=4)]
         n = 0
-        while True:
-            for plan in plans:
-                kernels, _ = extract_graph(space.realize(model, plan), x)
-                for k in kernels:
-                    found.setdefault(k.shape, dataclasses.replace(k, layer=""))
-                done += 1
-                if progress:
-                    progress(done, total)
-            n += len(plans)
-            if n - 3 >= most or (n - 3 >= min_plans and time.perf_counter() - start >= seconds):
+        for plan in itertools.chain(presets, iter(lambda: random_plan(space, rng, dists), None)):
+            kernels, _ = extract_graph(space.realize(model, plan), x)
+            for k in kernels:
+                found.setdefault(k.shape, dataclasses.replace(k, layer=""))
+            n += 1
+            done += 1
+            if progress:
+                progress(done, total)
+            randoms = n - len(presets)
+            if randoms >= most or (randoms >= min_plans and time.perf_counter() - start >= seconds):
                 break
-            plans = [space.plan_from_params({k: d.choices[int(rng.integers(len(d.choices)))]
-                                             for k, d in dists.items()})]
         drawn_per[target] = n
         total -= most + 3 - n  # what this target did not need
     return list(found.values()), drawn_per

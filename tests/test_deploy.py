@@ -19,6 +19,7 @@ from torch import nn
 
 from edgeslim.objectives import FinetuneConfig, build_artifact, export_onnx, finetune_, sample_inputs
 from edgeslim.search import DigitsCNN, demo_spec, digits_splits, run_search
+from edgeslim.search._check import random_plan
 from edgeslim.search._pick import SLO, NoFitError, select
 from edgeslim.search._spec import FinetuneSpec, ModelSpec
 from edgeslim.search._workloads import train_base
@@ -75,8 +76,7 @@ def test_architectures_realize_random_plans_and_export(name):
     named = [str(w.message) for w in caught if "left out" in str(w.message)]
     assert all("[" in m and ":" in m for m in named)
     rng = np.random.default_rng(0)
-    params = {k: d.choices[int(rng.integers(len(d.choices)))] for k, d in space.distributions().items()}
-    quantized = space.realize(model, space.plan_from_params(params))
+    quantized = space.realize(model, random_plan(space, rng))
     assert quantized(x).shape == (1, 10)
     plan = space.uniform_plan(sparsity=0.5, rank=0.5, bits=32)
     fp32 = space.realize(model, plan)

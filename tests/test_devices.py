@@ -331,18 +331,7 @@ def test_search_with_a_calibrated_profile_predicts_latency(tmp_path):
     from edgeslim.search import demo_spec, run_search
     from edgeslim.search._spec import DeviceSpec, FinetuneSpec, ModelSpec
 
-    model, _ = _synthetic_model()
-    # cover every kernel type the digits CNN runs
-    ks, ms = [], []
-    rng = np.random.default_rng(1)
-    for t in ("conv_kxk@8", "conv_kxk@4", "gemm@8", "pool@32", "gpool@32", "conv_kxk@32", "gemm@32"):
-        for _ in range(6):
-            k = _calibrate.random_kernel(t, rng)
-            ks.append(k)
-            ms.append({"p50_ms": 0.02 + 1e-6 * k.macs, "p95_ms": 0.03 + 1e-6 * k.macs, "io_bytes": 0})
-    io_k = _calibrate.io_kernels()
-    io_m = [{"p50_ms": 0.02, "p95_ms": 0.025, "io_bytes": k.cin * 8} for k in io_k]
-    lm = LatencyModel(device="fake").fit(io_k + ks, io_m + ms)
+    lm = _cover_digits_cnn()
     DeviceProfile(name="fake", threads=1, latency_model=lm, facts={}, profile_id="f1").save(tmp_path / "fake.json")
     spec = demo_spec().replace(trials=2, out_dir=str(tmp_path / "s"), device=DeviceSpec(name="fake"),
                                model=ModelSpec(builtin="digits-cnn", train_epochs=1),
