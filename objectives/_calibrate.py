@@ -132,9 +132,13 @@ def micro_model(k: Kernel, seed: int = 0) -> onnx.ModelProto:
                                       pads=[max(pad, 0) // 2, max(pad, 0) // 2, -(-max(pad, 0) // 2), -(-max(pad, 0) // 2)]))
         y_shape = [1, k.cout, k.ho, k.wo]
     elif k.op == "gpool":
+        # what torch exports for a classifier's global pool and flatten: ReduceMean then Reshape
+        # (ONNX Runtime's GlobalAveragePool is up to 2x slower at 1280x7x7, so it is not a stand-in)
         inputs = [helper.make_tensor_value_info("x", f32, [1, k.cin, k.h, k.w])]
-        nodes.append(helper.make_node("GlobalAveragePool", ["x"], ["out"]))
-        y_shape = [1, k.cin, 1, 1]
+        inits += [_tensor("axes", np.array([2, 3], np.int64)), _tensor("flat", np.array([1, k.cin], np.int64))]
+        nodes += [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=1),
+                  helper.make_node("Reshape", ["m", "flat"], ["out"])]
+        y_shape = [1, k.cin]
     elif k.op == "act":
         shape = [1, k.cin, k.h, k.w]
         inputs = [helper.make_tensor_value_info("x", f32, shape)]
@@ -261,6 +265,15 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
             if sum(k.macs for k in kernels) <= MAX_MACS:
                 return kernels, [True, False]
             continue
+        if not gemm and rng.random() < 0.3:  # a classifier head: conv, global pool and flatten, 1-2 Linears
+            cout = ch()
+            kernels = [Kernel("conv", bits(), c, cout, int(rng.choice((1, 3))), 1, 1, hw, hw, hw, hw),
+                       Kernel("gpool", 32, cout, cout, h=hw, w=hw)]
+            kernels += [Kernel("gemm", bits(), cout, ch())] if rng.random() < 0.5 else []
+            kernels.append(Kernel("gemm", bits(), kernels[-1].cout, int(rng.choice((10, 100, 1000)))))
+            if sum(k.macs for k in kernels) <= MAX_MACS:
+                return kernels, [True, True] + [bool(rng.random() < 0.75)] * (len(kernels) - 3)
+            continue
         kernels = []
         if not gemm and rng.random() < 0.2:  # a first layer: few input channels, NCHW input
             kernels.append(Kernel("conv", bits(), int(rng.choice((1, 3))), c, 3, 1, 1, hw, hw, hw, hw))
@@ -278,7 +291,7 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
             c = cout
         n = len(kernels)
         # a pool has no ReLU of its own to drop
-        acts = [k.op == "pool" or bool(rng.random() < 0.75) for k in kernels[:-1]]
+        acts = [k.op in ("pool", "gpool") or bool(rng.random() < 0.75) for k in kernels[:-1]]
         if sum(k.macs for k in kernels) <= MAX_MACS:
             return kernels, acts
     raise RuntimeError("could not draw a kernel chain under the MAC limit")
@@ -398,6 +411,7 @@ class CalibrationResult:
     rounds: list[dict[str, float]]
     chains: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     reference: list[float] = dataclasses.field(default_factory=list)  # REFERENCE_KERNELS' p50 in ms
+    track: SpeedTrack | None = None  # the device's speed over the calibration
 
 
 # a compute-bound float conv, an int8 conv, a memory-bound depthwise conv and a Linear: timed at
@@ -423,6 +437,82 @@ def reference_from(first: Sequence[float], last: Sequence[float]) -> list[float]
     return [(a + b) / 2 for a, b in zip(first, last)]
 
 
+# micro-models measured between two timings of the reference kernels during a calibration
+TRACK_EVERY = 200
+
+
+class SpeedTrack:
+    """How fast the device ran over a calibration, from reference-kernel timings taken between
+    micro-models (a shared VM's neighbours or a board heating up move it within minutes).
+
+    ``factor(seq)`` is the device's relative slowness when measurement number ``seq`` was taken
+    (1.0 = the calibration's median state): the geometric mean over the reference kernels of
+    their time at the nearest timings over their median, smoothed over three neighbouring
+    timings and interpolated by position. Calibration records and reports it; it does not
+    rescale measurements by it (on the development VM that made network predictions worse: a
+    few kernels' drift does not carry over to every kernel, see the README).
+
+    Example:
+        >>> t = SpeedTrack()
+        >>> for seq, scale in [(0, 1.0), (100, 1.0), (200, 1.2), (300, 1.2), (400, 1.2)]:
+        ...     t.add(seq, [scale * 1.0, scale * 2.0])
+        >>> round(t.factor(0), 3), round(t.factor(350), 3)
+        (0.833, 1.0)
+    """
+
+    def __init__(self) -> None:
+        self.points: list[tuple[int, list[float]]] = []
+        self.seq = 0  # position of the next measurement (used while measuring)
+        # Identity models timed with each timing: the per-inference overhead, which every kernel's
+        # time is taken net of, is then the calibration's typical value, not one early sample
+        self.io: list[tuple[Kernel, dict[str, Any]]] = []
+
+    def add(self, seq: int, p50_ms: Sequence[float]) -> None:
+        """Record one timing of the reference kernels, taken before measurement ``seq``."""
+        self.points.append((int(seq), [float(v) for v in p50_ms]))
+        self._curve: tuple[np.ndarray, np.ndarray] | None = None
+
+    def reference(self) -> list[float]:
+        """Each reference kernel's median time over the calibration (the state ``factor`` 1.0 means)."""
+        return [float(v) for v in np.median(np.array([p for _, p in self.points]), axis=0)] if self.points else []
+
+    def _fitted(self) -> tuple[np.ndarray, np.ndarray]:
+        if getattr(self, "_curve", None) is None:
+            seqs = np.array([s for s, _ in self.points], dtype=float)
+            times = np.array([p for _, p in self.points], dtype=float)
+            raw = np.exp(np.log(times / np.median(times, axis=0)).mean(axis=1))
+            # one noisy timing must not move the kernels around it: median of three neighbours
+            padded = np.concatenate([raw[:1], raw, raw[-1:]])
+            smooth = np.median(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
+            self._curve = (seqs, smooth)
+        return self._curve  # type: ignore[return-value]
+
+    def factor(self, seq: int) -> float:
+        """Relative slowness of the device at measurement ``seq`` (1.0 with fewer than three timings)."""
+        if len(self.points) < 3:
+            return 1.0
+        seqs, smooth = self._fitted()
+        return float(np.interp(seq, seqs, smooth))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: the timings by measurement position."""
+        return {"every": TRACK_EVERY, "points": [[s, p] for s, p in self.points]}
+
+    @classmethod
+    def from_entries(cls, entries: Sequence[Mapping[str, Any]]) -> SpeedTrack:
+        """The track of a kit's measured entries: each run of consecutive reference entries is one
+        timing, positioned at the entry after it."""
+        t, run = cls(), {}
+        for i, e in enumerate(list(entries) + [{}]):
+            if "reference" in e:
+                run[int(e["reference"])] = float(e["p50_ms"])
+            elif run:
+                if len(run) == len(REFERENCE_KERNELS):
+                    t.add(i, [run[j] for j in range(len(REFERENCE_KERNELS))])
+                run = {}
+        return t
+
+
 def speed_ratio(now: Sequence[float], then: Sequence[float]) -> float:
     """Geometric mean of now/then over the reference kernels: 1.1 means 10 % slower now.
 
@@ -434,22 +524,41 @@ def speed_ratio(now: Sequence[float], then: Sequence[float]) -> float:
 
 
 def _measure_models(builders: Sequence[Callable[[int], onnx.ModelProto]], threads: int, workdir: Path,
-                    offset: int, tick: Callable[[], None], energy_reader: Any = None) -> list[dict[str, Any]]:
-    """Save, measure and delete each model in turn; ``builder(seed)`` makes model ``offset + i``."""
+                    offset: int, tick: Callable[[], None], energy_reader: Any = None,
+                    track: SpeedTrack | None = None) -> list[dict[str, Any]]:
+    """Save, measure and delete each model in turn; ``builder(seed)`` makes model ``offset + i``.
+
+    With ``track`` each measurement gets its position ``seq`` in the calibration and the
+    reference kernels are timed before every ``TRACK_EVERY``-th one."""
     out = []
     for i, build in enumerate(builders):
         path = workdir / f"m{offset + i}.onnx"
         onnx.save(build(offset + i), str(path))
-        out.append(_runner.measure_file(str(path), threads, offset + i, energy_reader=energy_reader))
+        if track is not None and track.seq % TRACK_EVERY == 0:
+            time_track(track, threads, workdir)
+        m = _runner.measure_file(str(path), threads, offset + i, energy_reader=energy_reader)
+        if track is not None:
+            m["seq"] = track.seq
+            track.seq += 1
+        out.append(m)
         path.unlink()
         tick()
     return out
 
 
+def time_track(track: SpeedTrack, threads: int, workdir: Path) -> None:
+    """One timing for ``track``: the reference kernels and the Identity (overhead) models."""
+    track.add(track.seq, measure_reference(threads, workdir))
+    io = io_kernels()
+    track.io += zip(io, _measure_models([functools.partial(micro_model, k) for k in io], threads, workdir,
+                                        20_000_000, lambda: None))
+
+
 def _measure(kernels: Sequence[Kernel], threads: int, workdir: Path, offset: int,
-             tick: Callable[[], None], energy_reader: Any = None) -> list[dict[str, Any]]:
+             tick: Callable[[], None], energy_reader: Any = None, track: SpeedTrack | None = None
+             ) -> list[dict[str, Any]]:
     return _measure_models([functools.partial(micro_model, k) for k in kernels], threads, workdir, offset,
-                           tick, energy_reader)
+                           tick, energy_reader, track)
 
 
 def io_kernels() -> list[Kernel]:
@@ -475,7 +584,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
     per_type, rounds, n_val, n_nb = MODES[mode]
     rng = np.random.default_rng(seed + 1)
     drawn = [random_chain(rng) for _ in range(CHAINS[mode])]
-    total = len(IO_SIZES) + len(types) * (per_type + rounds * (n_val + n_nb)) + sum(len(ks) + 1 for ks, _ in drawn)
+    total = len(types) * (per_type + rounds * (n_val + n_nb)) + sum(len(ks) + 1 for ks, _ in drawn)
     total += len(focus)
     done = 0
 
@@ -485,20 +594,21 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
         if progress:
             progress(done, total)
 
+    track = SpeedTrack()
     with tempfile.TemporaryDirectory(prefix="edgeslim-cal-") as tmp:
         work = Path(tmp)
-        first = measure_reference(threads, work)
-        kernels = io_kernels() + design(types, per_type, seed) + list(focus)
-        meas = _measure(kernels, threads, work, 0, tick, energy_reader)
+        kernels = design(types, per_type, seed) + list(focus)
+        meas = _measure(kernels, threads, work, 0, tick, energy_reader, track)
         # chains first: their kernels, measured alone too, join the kernel design
-        chains, lone_kernels, lone_meas = _measure_chains(drawn, threads, work, len(kernels), tick, energy_reader)
+        chains, lone_kernels, lone_meas = _measure_chains(drawn, threads, work, len(kernels), tick, energy_reader,
+                                                          track)
         kernels += lone_kernels
         meas += lone_meas
-        model = _fit(kernels, meas, device)
+        model = _fit(kernels + [k for k, _ in track.io], meas + [m for _, m in track.io], device)
         history = []
         for r in range(rounds):
             val = [random_kernel(t, rng) for t in types for _ in range(n_val)]
-            vm = _measure(val, threads, work, len(kernels), tick, energy_reader)
+            vm = _measure(val, threads, work, len(kernels), tick, energy_reader, track)
             pred = [model.predict([k], m["io_bytes"])[0] for k, m in zip(val, vm)]
             errs = np.array([abs(p / m["p50_ms"] - 1) for p, m in zip(pred, vm)])
             history.append({"round": r + 1, "heldout_mape": float(errs.mean()),
@@ -506,21 +616,25 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
             worst = np.argsort(-errs)[: len(types) * n_nb]
             nb = [neighbour(val[i], rng) for i in worst]
             nb = [k if k.macs <= MAX_MACS else val[i] for k, i in zip(nb, worst)]
-            nm = _measure(nb, threads, work, len(kernels) + len(val), tick, energy_reader)
+            nm = _measure(nb, threads, work, len(kernels) + len(val), tick, energy_reader, track)
             kernels += val + nb
             meas += vm + nm
-            # full mode chooses each type's regressor by cross-validation (about a minute of fitting)
-            model = _fit(kernels, meas, device, select=mode == "full" and r == rounds - 1)
+            if r < rounds - 1:  # the last round's points go into the final fit below
+                model = _fit(kernels + [k for k, _ in track.io], meas + [m for _, m in track.io], device)
+        time_track(track, threads, work)  # the closing timing
+        kernels += [k for k, _ in track.io]
+        meas += [m for _, m in track.io]
+        # full mode chooses each type's regressor by cross-validation (about a minute of fitting)
+        model = _fit(kernels, meas, device, select=mode == "full")
         _fit_chains(model, chains)
-        reference = reference_from(first, measure_reference(threads, work))
-    return CalibrationResult(kernels, meas, model, history, chains, reference)
+    return CalibrationResult(kernels, meas, model, history, chains, track.reference(), track)
 
 
-_LONE_KEYS = ("p50_ms", "p95_ms", "io_bytes")
+_LONE_KEYS = ("p50_ms", "p95_ms", "io_bytes", "seq")
 
 
 def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: int, workdir: Path, offset: int,
-                    tick: Callable[[], None], energy_reader: Any = None,
+                    tick: Callable[[], None], energy_reader: Any = None, track: SpeedTrack | None = None,
                     ) -> tuple[list[dict[str, Any]], list[Kernel], list[dict[str, Any]]]:
     """Each chain, then each of its kernels alone, back to back (the same machine state): a
     chain's boundary saving is then measured lone times less the chain's, free of the kernel
@@ -529,13 +643,13 @@ def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: i
     for ks, acts in drawn:
         builders.append(functools.partial(chain_model, ks, acts))
         builders += [functools.partial(micro_model, k) for k in ks]
-    meas = _measure_models(builders, threads, workdir, offset, tick, energy_reader)
+    meas = _measure_models(builders, threads, workdir, offset, tick, energy_reader, track)
     records, lone_kernels, lone_meas, at = [], [], [], 0
     for ks, acts in drawn:
         whole, parts = meas[at], meas[at + 1: at + 1 + len(ks)]
         at += 1 + len(ks)
         records.append({"chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": list(acts)},
-                        "lone": [{k: m[k] for k in _LONE_KEYS} for m in parts], **whole})
+                        "lone": [{k: m[k] for k in _LONE_KEYS if k in m} for m in parts], **whole})
         lone_kernels += ks
         lone_meas += parts
     return records, lone_kernels, lone_meas
@@ -563,24 +677,36 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
     mode's whole adaptive budget, plus the ``focus`` kernels.
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
-    kernels = io_kernels() + design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed) + list(focus)
+    kernels = design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed) + list(focus)
     kit_dir.mkdir(parents=True, exist_ok=True)
     (kit_dir / "models").mkdir(exist_ok=True)
     entries: list[dict[str, Any]] = []
 
-    def add_reference(tag: str) -> None:
-        for i, k in enumerate(REFERENCE_KERNELS):
-            name = f"models/ref_{tag}{i}.onnx"
-            onnx.save(micro_model(k), str(kit_dir / name))
-            entries.append({"file": name, "reference": i})
+    for i, k in enumerate(REFERENCE_KERNELS):
+        onnx.save(micro_model(k), str(kit_dir / f"models/ref_{i}.onnx"))
+    for i, k in enumerate(io_kernels()):
+        onnx.save(micro_model(k), str(kit_dir / f"models/io_{i}.onnx"))
+    since = 0
 
-    add_reference("a")
+    def time_reference(force: bool = False) -> None:
+        # the device's speed over the run (see SpeedTrack), timed every TRACK_EVERY models
+        nonlocal since
+        if force or since >= TRACK_EVERY:
+            entries.extend({"file": f"models/ref_{i}.onnx", "reference": i} for i in range(len(REFERENCE_KERNELS)))
+            entries.extend({"file": f"models/io_{i}.onnx", "kernel": dataclasses.asdict(k)}
+                           for i, k in enumerate(io_kernels()))
+            since = 0
+
+    time_reference(force=True)
     for i, k in enumerate(kernels):
+        time_reference()
         name = f"models/k{i:05d}.onnx"
         onnx.save(micro_model(k, seed=i), str(kit_dir / name))
         entries.append({"file": name, "kernel": dataclasses.asdict(k)})
+        since += 1
     rng = np.random.default_rng(seed + 2)
     for j in range(CHAINS[mode]):
+        time_reference()  # never between a chain and its parts
         ks, acts = random_chain(rng)
         name = f"models/c{j:05d}.onnx"
         onnx.save(chain_model(ks, acts, seed=len(entries)), str(kit_dir / name))
@@ -591,7 +717,8 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
             part = f"models/c{j:05d}_{i}.onnx"
             onnx.save(micro_model(k, seed=len(entries)), str(kit_dir / part))
             entries.append({"file": part, "kernel": dataclasses.asdict(k)})
-    add_reference("z")
+        since += 1 + len(ks)
+    time_reference(force=True)
     kit_id = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12]
     manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, "mode": mode, "threads": threads,
                 "protocol": _runner.PROTOCOL, "entries": entries, **({"focus": dict(focus_info)} if focus_info else {})}
@@ -601,27 +728,27 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
 
 
 def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
-    """Fit a model from a kit's ``measurements.json`` content."""
+    """Fit a model from a kit's ``measurements.json`` content.
+
+    The reference kernels the kit times between its micro-models give the device's speed over
+    the run (:class:`SpeedTrack`, recorded in the profile).
+    """
     keys = ("p50_ms", "p95_ms", "runs", "rejected", "io_bytes")
     for i, e in enumerate(data["entries"]):
         missing = [k for k in keys if k not in e]
         if missing:
             raise ValueError(f"measurements.entries[{i}] lacks {missing}; re-run the kit's run_kit.py")
-    entries = [e for e in data["entries"] if "kernel" in e]
+    every = [{**e, "seq": i} for i, e in enumerate(data["entries"])]
+    track = SpeedTrack.from_entries(every)
+    entries = [e for e in every if "kernel" in e]
     kernels = [Kernel(**e["kernel"]) for e in entries]
-    meas = [{k: e[k] for k in keys} for e in entries]
-    every = data["entries"]
-    chains = [{"chain": e["chain"], **{k: e[k] for k in keys},
+    meas = [{k: e[k] for k in (*keys, "seq")} for e in entries]
+    chains = [{"chain": e["chain"], **{k: e[k] for k in (*keys, "seq")},
                **({"lone": [{k: every[i][k] for k in _LONE_KEYS} for i in e["parts"]]} if "parts" in e else {})}
               for e in every if "chain" in e]
     model = _fit(kernels, meas, device, select=True)
     _fit_chains(model, chains)
-    refs = [e for e in every if "reference" in e]
-    reference = []
-    if len(refs) == 2 * len(REFERENCE_KERNELS):
-        half = len(REFERENCE_KERNELS)
-        reference = reference_from([e["p50_ms"] for e in refs[:half]], [e["p50_ms"] for e in refs[half:]])
-    return CalibrationResult(kernels, meas, model, [], chains, reference)
+    return CalibrationResult(kernels, meas, model, [], chains, track.reference(), track)
 
 
 def fit_energy(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], source: str) -> Any:

@@ -245,9 +245,14 @@ class LatencyModel:
         io = [m for k, m in zip(kernels, measurements) if k.op == "io"]
         if len(io) < 2:
             raise ValueError("fit needs at least two 'io' (Identity) measurements to fit the overhead")
-        # binding cost is not linear in size (cache effects): keep the measured curve, sorted
-        pairs = sorted((float(m["io_bytes"]), float(m["p50_ms"])) for m in io)
-        self.overhead_ = [list(p) for p in pairs]
+        # binding cost is not linear in size (cache effects): keep the measured curve, sorted; a
+        # size timed several times over a calibration contributes its median
+        by_size: dict[float, list[float]] = {}
+        for m in io:
+            by_size.setdefault(float(m["io_bytes"]), []).append(float(m["p50_ms"]))
+        if len(by_size) < 2:
+            raise ValueError("fit needs 'io' (Identity) measurements of at least two sizes to fit the overhead")
+        self.overhead_ = [[b, float(np.median(v))] for b, v in sorted(by_size.items())]
         self.overhead_p95_ratio_ = float(np.median([m["p95_ms"] / m["p50_ms"] for m in io]))
         by_type: dict[str, list[int]] = {}
         for i, k in enumerate(kernels):

@@ -56,6 +56,8 @@ class CheckRow:
     predicted_ms: float
     measured_ms: float
     remeasured_ms: float | None = None  # the same file timed again after all others (``repeat``)
+    # how much slower (>1) the reference kernels ran around this measurement than during calibration
+    speed: float | None = None
 
     @property
     def error(self) -> float:
@@ -111,14 +113,18 @@ def summarize(rows: Sequence[CheckRow], worst: int = 5) -> CheckSummary:
 def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int = 0,
                   workloads: Sequence[str] = tuple(VALIDATION_WORKLOADS),
                   progress: Callable[[int, int], None] | None = None,
-                  threads: int | None = None, repeat: bool = False) -> list[CheckRow]:
+                  threads: int | None = None, repeat: bool = False,
+                  reference: Sequence[float] | None = None) -> list[CheckRow]:
     """Sample random plans, predict with ``profile`` and measure the exported artifacts here.
 
     Measurement uses the profile's thread count unless ``threads`` says otherwise (to check
     that a profile is specific to its thread setting); each artifact is timed in
     ``CHECK_SESSIONS`` fresh sessions and their median taken. With ``repeat`` every file is
     timed a second time after all of them were, which shows how far this machine's own
-    measurements wander (``CheckRow.remeasured_ms``).
+    measurements wander (``CheckRow.remeasured_ms``). With ``reference`` (the profile's
+    reference-kernel times) those kernels are timed before each candidate and after the last,
+    and each row records the device's speed around its measurement relative to calibration
+    (``CheckRow.speed``): drift of the device, told apart from error of the model.
     """
     assert profile.latency_model is not None
     rng = np.random.default_rng(seed)
@@ -131,7 +137,14 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
         return measure_latency(path, shape, threads=n_threads, budget_s=0.3, min_runs=10,
                                sessions=CHECK_SESSIONS).p50_ms
 
+    timings: list[list[float]] = []
     with tempfile.TemporaryDirectory(prefix="edgeslim-check-") as tmp:
+        def time_reference() -> None:
+            if reference:
+                from edgeslim.objectives._calibrate import measure_reference
+
+                timings.append(measure_reference(n_threads, Path(tmp)))
+
         for w in workloads:
             factory, shape = VALIDATION_WORKLOADS[w]
             torch.manual_seed(seed)
@@ -148,10 +161,17 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                 predicted, _, _ = profile.latency_model.predict_module(model, x)
                 calib = [np.random.default_rng(j).standard_normal(shape).astype(np.float32) for j in range(4)]
                 path, _, _ = build_artifact(model, x, layer_bits(model), calib, Path(tmp), stem=f"{w}-{i}")
+                time_reference()
                 rows.append(CheckRow(w, plan.summary(), predicted, measure(path, shape)))
                 files.append((path, shape))
                 if progress:
                     progress(len(rows), total)
+        time_reference()
+        if reference:
+            from edgeslim.objectives._calibrate import reference_from, speed_ratio
+
+            rows = [dataclasses.replace(r, speed=speed_ratio(reference_from(a, b), reference))
+                    for r, a, b in zip(rows, timings, timings[1:])]
         if repeat:
             for i, (path, shape) in enumerate(files):
                 rows[i] = dataclasses.replace(rows[i], remeasured_ms=measure(path, shape))

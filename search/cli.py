@@ -210,6 +210,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if result.reference:
         extra["reference"] = {"kernels": [dataclasses.asdict(k) for k in _calibrate.REFERENCE_KERNELS],
                               "p50_ms": result.reference}
+    if result.track is not None and result.track.points:
+        extra["speed_track"] = result.track.to_dict()
     if targets:
         extra["focus"] = {"plans": focus_plans, "kernels": len(focus)}
     elif args.fit and data.get("focus"):
@@ -221,6 +223,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"{len(result.chains)} kernel chains, "
           f"per-inference overhead {result.model.overhead_[0][1] * 1e3:.1f} us; energy "
           f"{'fitted to the power meter' if energy.measured else 'uses documented default constants (estimate)'}")
+    if result.track is not None and len(result.track.points) >= 3:
+        f = [result.track.factor(s) for s, _ in result.track.points]
+        print(f"  device speed over the calibration: {min(f) - 1:+.1%} to {max(f) - 1:+.1%} around its median "
+              f"({len(f)} timings of the reference kernels); measurements normalized to the median")
     for r in result.rounds:
         print(f"  adaptive round {r['round']}: held-out MAPE {r['heldout_mape']:.1%}, "
               f"within 10% {r['heldout_within_10pct']:.0%} over {r['points']} new kernels")
@@ -230,7 +236,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_check_latency(args: argparse.Namespace) -> int:
     """Compare a profile's predictions with latency measured here on random candidates."""
-    import tempfile
     from pathlib import Path
 
     from edgeslim.objectives import _calibrate, load_device
@@ -247,18 +252,18 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
         raise SpecError(f"unknown workloads {unknown}; choose from {list(VALIDATION_WORKLOADS)}")
     bar = Progress(args.samples * len(workloads), "candidates")
     bar.total *= 2 if args.repeat else 1
-    threads = args.threads or profile.threads
     reference = (profile.extra.get("reference") or {}).get("p50_ms")
-    with tempfile.TemporaryDirectory(prefix="edgeslim-ref-") as tmp:
-        before = _calibrate.measure_reference(threads, Path(tmp)) if reference else None
-        rows = check_latency(profile, args.samples, args.seed or 0, workloads, lambda d, t: bar.update(d),
-                             args.threads, args.repeat)
-        now = _calibrate.reference_from(before, _calibrate.measure_reference(threads, Path(tmp))) if before else None
+    if reference and len(reference) != len(_calibrate.REFERENCE_KERNELS):
+        reference = None
+    rows = check_latency(profile, args.samples, args.seed or 0, workloads, lambda d, t: bar.update(d),
+                         args.threads, args.repeat, reference)
     summary = summarize(rows)
-    # how much slower (>1) the reference kernels run now than during calibration, and what the
-    # predictions would score scaled by it: drift of the device, not error of the model
-    ratio = _calibrate.speed_ratio(now, reference) if now and len(now) == len(reference) else None
-    scaled = summarize([dataclasses.replace(r, predicted_ms=r.predicted_ms * ratio) for r in rows]) if ratio else None
+    # how much slower (>1) the reference kernels ran around each measurement than during
+    # calibration, and what the predictions score scaled by it: drift of the device, not error of the model
+    speeds = [r.speed for r in rows if r.speed is not None]
+    ratio = _calibrate.speed_ratio(speeds, [1.0] * len(speeds)) if speeds else None
+    scaled = summarize([dataclasses.replace(r, predicted_ms=r.predicted_ms * r.speed) for r in rows]) \
+        if speeds and len(speeds) == len(rows) else None
     if args.format == "json":
         print(json.dumps({"device": profile.name, "profile_id": profile.profile_id,
                           "rows": [dataclasses.asdict(r) for r in rows], "summary": summary.to_dict(),
@@ -274,9 +279,11 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
     print(f"{'all':<18} {summary.n:>3} {summary.within_10pct:>12.0%} {summary.mape:>7.1%}   "
           f"Spearman {summary.spearman:.3f}")
     if ratio is not None and scaled is not None:
-        print(f"reference kernels run {abs(ratio - 1):.1%} {'slower' if ratio >= 1 else 'faster'} here now than "
-              f"during calibration; predictions scaled by that drift: {scaled.within_10pct:.0%} within ±10%, "
-              f"MAPE {scaled.mape:.1%} (recalibrate when the drift is large)")
+        lo, hi = min(speeds), max(speeds)
+        print(f"reference kernels ran {abs(ratio - 1):.1%} {'slower' if ratio >= 1 else 'faster'} here than during "
+              f"calibration ({lo - 1:+.1%} to {hi - 1:+.1%} around the candidates); predictions scaled by that "
+              f"drift: {scaled.within_10pct:.0%} within ±10%, MAPE {scaled.mape:.1%} (the model's own error; "
+              f"recalibrate when the drift is large)")
     if summary.repeat_within_10pct is not None:
         print(f"measured again: {summary.repeat_within_10pct:.0%} of the files within ±10% of their first "
               f"measurement (mean deviation {summary.repeat_mape:.1%}): what noise leaves any predictor here")

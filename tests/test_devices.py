@@ -274,6 +274,7 @@ def test_rapl_reader_handles_wraparound(tmp_path):
 def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(_calibrate, "MODES", {"quick": (3, 0, 0, 0), "full": (3, 0, 0, 0)})
     monkeypatch.setattr(_calibrate, "CHAINS", {"quick": 25, "full": 25})
+    monkeypatch.setattr(_calibrate, "TRACK_EVERY", 40)
     kit = tmp_path / "kit"
     assert main(["calibrate", "--kit", str(kit)]) == 0
     manifest = json.loads((kit / "kit.json").read_text())
@@ -281,10 +282,24 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     entries = manifest["entries"]
     chains = [e for e in entries if "chain" in e]
     parts = sum(len(e["parts"]) for e in chains)
-    refs = 2 * len(_calibrate.REFERENCE_KERNELS)  # the reference kernels open and close the kit
-    assert sum("reference" in e for e in entries) == refs
+    # the reference kernels open and close the kit and are timed every TRACK_EVERY models between
+    is_ref = "".join("r" if "reference" in e else "m" for e in entries)
+    runs = [r for r in is_ref.split("m") if r]
+    n_ref = len(_calibrate.REFERENCE_KERNELS)
+    timing = "r" * n_ref + "m" * len(_calibrate.IO_SIZES)  # reference kernels, then the Identity models
+    assert is_ref.startswith(timing) and is_ref.endswith(timing)
+    assert all(len(r) == n_ref for r in runs) and len(runs) >= 3
+    longest = max(len(m) for m in is_ref.split("r") if m)
+    assert longest <= _calibrate.TRACK_EVERY + len(_calibrate.IO_SIZES) + 5  # + one chain's parts
+    refs = len(runs) * n_ref
+    for e in chains:  # a timing never separates a chain from its parts
+        first = entries.index(e)
+        assert "r" not in is_ref[first: max(e["parts"]) + 1]
     assert len(chains) == 25
-    assert len(entries) == len(_calibrate.IO_SIZES) + 3 * len(_calibrate.KERNEL_TYPES) + 25 + parts + refs
+    # each timing also measures the Identity (overhead) models
+    io = [e for e in entries if e.get("kernel", {}).get("op") == "io"]
+    assert len(io) == len(runs) * len(_calibrate.IO_SIZES)
+    assert len(entries) == len(io) + 3 * len(_calibrate.KERNEL_TYPES) + 25 + parts + refs
     for e in chains:  # each chain's kernels are in the kit alone too, measured right after it
         assert [entries[i]["kernel"] for i in e["parts"]] == e["chain"]["kernels"]
     monkeypatch.setitem(_runner.PROTOCOL, "budget_s", 0.0)
@@ -303,6 +318,10 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     stored = saved["chains"]
     assert len(stored) == 25 and all(len(c["lone"]) == len(c["chain"]["kernels"]) for c in stored)
     assert len(saved["reference"]["p50_ms"]) == len(_calibrate.REFERENCE_KERNELS)
+    assert len(saved["speed_track"]["points"]) == len(runs)  # the device's speed over the run
+    # the overhead curve: one point per Identity size, the median of its timings over the run
+    assert [b for b, _ in profile.latency_model.overhead_] == sorted({m["io_bytes"] for m in saved["measurements"]
+                                                                     if m["kernel"]["op"] == "io"})
     data = json.loads(out.read_text())
     data["kit_version"] = 99
     out.write_text(json.dumps(data))
@@ -388,9 +407,10 @@ def test_check_latency_repeat_reports_measurement_noise(tmp_path, monkeypatch, c
     rep = [abs(r["remeasured_ms"] / r["measured_ms"] - 1) for r in out["rows"]]
     assert out["summary"]["repeat_mape"] == pytest.approx(float(np.mean(rep)))
     assert 0.3 < out["speed_ratio"] < 0.8  # about 0.5, give or take this VM's noise
-    row = out["rows"][0]
-    scaled_err = abs(row["predicted_ms"] * out["speed_ratio"] / row["measured_ms"] - 1)
-    assert scaled_err in [pytest.approx(abs(w["error"])) for w in out["summary_drift_scaled"]["worst"]]
+    # each row carries the speed timed around its own measurement; the drift-scaled figures use it
+    assert all(0.3 < r["speed"] < 0.8 for r in out["rows"])
+    scaled = sorted(abs(r["predicted_ms"] * r["speed"] / r["measured_ms"] - 1) for r in out["rows"])
+    assert scaled == pytest.approx(sorted(abs(w["error"]) for w in out["summary_drift_scaled"]["worst"]))
 
 
 def test_calibrate_for_bad_targets(tmp_path, capsys):
