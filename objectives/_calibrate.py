@@ -573,19 +573,22 @@ def _fit(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], device: str,
 
 def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
               progress: Callable[[int, int], None] | None = None, energy_reader: Any = None,
-              types: Sequence[str] = KERNEL_TYPES, focus: Sequence[Kernel] = ()) -> CalibrationResult:
+              types: Sequence[str] = KERNEL_TYPES, focus: Sequence[Kernel] = (),
+              networks: Sequence[Mapping[str, Any]] = ()) -> CalibrationResult:
     """Measure an initial design, then adaptively add points where the model errs most.
 
     Each round draws fresh validation kernels, records the current model's error on them
     (reported as that round's held-out error), and measures neighbours of the worst quarter.
     ``focus`` kernels (those the models to be searched run, see ``workload_kernels``) join the
-    initial design: the model is then exact where the search will ask it most.
+    initial design: the model is then exact where the search will ask it most. ``networks``
+    (``{"name", "path", "kernels", "edges"}``: whole candidates of those models, exported as
+    they would ship) are measured after the chains and fit the boundary savings with them.
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
     rng = np.random.default_rng(seed + 1)
     drawn = [random_chain(rng) for _ in range(CHAINS[mode])]
     total = len(types) * (per_type + rounds * (n_val + n_nb)) + sum(len(ks) + 1 for ks, _ in drawn)
-    total += len(focus)
+    total += len(focus) + sum(len(n["kernels"]) + 1 for n in networks)
     done = 0
 
     def tick() -> None:
@@ -601,7 +604,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
         meas = _measure(kernels, threads, work, 0, tick, energy_reader, track)
         # chains first: their kernels, measured alone too, join the kernel design
         chains, lone_kernels, lone_meas = _measure_chains(drawn, threads, work, len(kernels), tick, energy_reader,
-                                                          track)
+                                                          track, networks)
         kernels += lone_kernels
         meas += lone_meas
         model = _fit(kernels + [k for k, _ in track.io], meas + [m for _, m in track.io], device)
@@ -635,42 +638,67 @@ _LONE_KEYS = ("p50_ms", "p95_ms", "io_bytes", "seq")
 
 def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: int, workdir: Path, offset: int,
                     tick: Callable[[], None], energy_reader: Any = None, track: SpeedTrack | None = None,
+                    networks: Sequence[Mapping[str, Any]] = (),
                     ) -> tuple[list[dict[str, Any]], list[Kernel], list[dict[str, Any]]]:
-    """Each chain, then each of its kernels alone, back to back (the same machine state): a
-    chain's boundary saving is then measured lone times less the chain's, free of the kernel
-    model's own error. Returns the chain records and the lone kernels with their measurements."""
-    builders: list[Callable[[int], onnx.ModelProto]] = []
+    """Each chain (then each focus network), then each of its kernels alone, back to back (the
+    same machine state): its boundary saving is then measured lone times less its own, free of the
+    kernel model's error and of the device's drift between the two. Returns the chain and network
+    records and the lone kernels with their measurements."""
+    items: list[tuple[Callable[[int], onnx.ModelProto], list[Kernel], dict[str, Any]]] = []
     for ks, acts in drawn:
-        builders.append(functools.partial(chain_model, ks, acts))
+        items.append((functools.partial(chain_model, ks, acts), list(ks),
+                      {"chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": list(acts)}}))
+    for net in networks:
+        ks = [dataclasses.replace(k, layer="") for k in net["kernels"]]
+        items.append((functools.partial(_load, str(net["path"])), ks, {"network": network_record(net)}))
+    builders: list[Callable[[int], onnx.ModelProto]] = []
+    for build, ks, _ in items:
+        builders.append(build)
         builders += [functools.partial(micro_model, k) for k in ks]
     meas = _measure_models(builders, threads, workdir, offset, tick, energy_reader, track)
     records, lone_kernels, lone_meas, at = [], [], [], 0
-    for ks, acts in drawn:
+    for _, ks, what in items:
         whole, parts = meas[at], meas[at + 1: at + 1 + len(ks)]
         at += 1 + len(ks)
-        records.append({"chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": list(acts)},
-                        "lone": [{k: m[k] for k in _LONE_KEYS if k in m} for m in parts], **whole})
+        records.append({**what, "lone": [{k: m[k] for k in _LONE_KEYS if k in m} for m in parts], **whole})
         lone_kernels += ks
         lone_meas += parts
     return records, lone_kernels, lone_meas
 
 
 def _fit_chains(model: LatencyModel, chains: Sequence[dict[str, Any]]) -> None:
+    """Fit the boundary savings from chain records and whole-network records (``network``: a
+    focus model's candidate with its kernels and edges), each against its own lone kernels."""
     rows = []
     for c in chains:
-        ks = [Kernel(**k) for k in c["chain"]["kernels"]]
+        if "network" in c:
+            ks = [Kernel(**k) for k in c["network"]["kernels"]]
+            edges = [(int(a), int(b), bool(act)) for a, b, act in c["network"]["edges"]]
+        else:
+            ks = [Kernel(**k) for k in c["chain"]["kernels"]]
+            edges = chain_edges(ks, c["chain"]["acts"])
         if all(model.covers(k) for k in ks):
             lone = c.get("lone")
             # the lone kernels' own times, each less the overhead its micro-model paid
             lone_ms = None if not lone else sum(float(m["p50_ms"]) - model.overhead_ms(float(m["io_bytes"]))
                                                 for m in lone)
-            rows.append((ks, chain_edges(ks, c["chain"]["acts"]), float(c["p50_ms"]), float(c["io_bytes"]), lone_ms))
+            rows.append((ks, edges, float(c["p50_ms"]), float(c["io_bytes"]), lone_ms))
     model.fit_boundaries(rows)
+
+
+def network_record(net: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON form of a focus network (see :func:`calibrate`): name, kernels and edges."""
+    return {"name": net["name"], "kernels": [dataclasses.asdict(k) for k in net["kernels"]],
+            "edges": [list(e) for e in net["edges"]]}
+
+
+def _load(path: str, seed: int) -> onnx.ModelProto:
+    return onnx.load(path)
 
 
 # ---- remote kits -----------------------------------------------------------------------------
 def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, focus: Sequence[Kernel] = (),
-              focus_info: Mapping[str, Any] | None = None) -> Path:
+              focus_info: Mapping[str, Any] | None = None, networks: Sequence[Mapping[str, Any]] = ()) -> Path:
     """A self-contained kit: micro-models, ``kit.json`` and ``run_kit.py`` (numpy + onnxruntime).
 
     Remote devices cannot refit between rounds, so the kit holds a fixed design the size of the
@@ -718,6 +746,18 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
             onnx.save(micro_model(k, seed=len(entries)), str(kit_dir / part))
             entries.append({"file": part, "kernel": dataclasses.asdict(k)})
         since += 1 + len(ks)
+    for j, net in enumerate(networks):  # whole focus candidates, as they would ship, then their kernels alone
+        time_reference()
+        name = f"models/n{j:03d}.onnx"
+        shutil.copyfile(net["path"], kit_dir / name)
+        ks = [dataclasses.replace(k, layer="") for k in net["kernels"]]
+        entries.append({"file": name, "network": network_record(net),
+                        "parts": list(range(len(entries) + 1, len(entries) + 1 + len(ks)))})
+        for i, k in enumerate(ks):
+            part = f"models/n{j:03d}_{i}.onnx"
+            onnx.save(micro_model(k, seed=len(entries)), str(kit_dir / part))
+            entries.append({"file": part, "kernel": dataclasses.asdict(k)})
+        since += 1 + len(ks)
     time_reference(force=True)
     kit_id = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12]
     manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, "mode": mode, "threads": threads,
@@ -743,9 +783,10 @@ def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
     entries = [e for e in every if "kernel" in e]
     kernels = [Kernel(**e["kernel"]) for e in entries]
     meas = [{k: e[k] for k in (*keys, "seq")} for e in entries]
-    chains = [{"chain": e["chain"], **{k: e[k] for k in (*keys, "seq")},
+    chains = [{("network" if "network" in e else "chain"): e.get("network", e.get("chain")),
+               **{k: e[k] for k in (*keys, "seq")},
                **({"lone": [{k: every[i][k] for k in _LONE_KEYS} for i in e["parts"]]} if "parts" in e else {})}
-              for e in every if "chain" in e]
+              for e in every if "chain" in e or "network" in e]
     model = _fit(kernels, meas, device, select=True)
     _fit_chains(model, chains)
     return CalibrationResult(kernels, meas, model, [], chains, track.reference(), track)

@@ -17,17 +17,19 @@ from edgeslim.objectives import DeviceProfile, Kernel, build_artifact, measure_l
 from edgeslim.search._workloads import DigitsCNN, DigitsResNet
 from edgeslim.spaces import CompressionSpace, Plan, RuleSet, SpecError, layer_bits
 
-__all__ = ["CheckRow", "CheckSummary", "FOCUS_PLANS", "VALIDATION_WORKLOADS", "check_latency", "random_plan",
-           "summarize", "workload_kernels"]
+__all__ = ["CheckRow", "CheckSummary", "FOCUS_PLANS", "VALIDATION_WORKLOADS", "check_latency", "focus_networks",
+           "random_plan", "summarize", "workload_kernels"]
 
 # fresh sessions each candidate is timed in (median of their medians; see measure_latency)
 CHECK_SESSIONS = 3
 # random plans per target model whose kernels a focused calibration measures (beside the dense
 # and uniform int8/int4 presets), by calibration mode: at least `min`, then more while the
 # target's extraction time stays under `seconds` (small models get many plans, large ones few)
-FOCUS_PLANS = {"quick": {"min": 6, "max": 40, "seconds": 15.0}, "full": {"min": 20, "max": 150, "seconds": 60.0}}
-# plans for calibration are drawn from their own stream, never from check-latency's seeds
+FOCUS_PLANS = {"quick": {"min": 6, "max": 40, "seconds": 15.0, "networks": 3},
+               "full": {"min": 20, "max": 150, "seconds": 60.0, "networks": 6}}
+# plans for calibration are drawn from their own streams, never from check-latency's seeds
 _FOCUS_SEED = 7919
+_NETWORK_SEED = 104729
 
 
 def _tv(name: str) -> Callable[[], nn.Module]:
@@ -261,3 +263,42 @@ def workload_kernels(targets: Sequence[str], min_plans: int, max_plans: int | No
         drawn_per[target] = n
         total -= most + 3 - n  # what this target did not need
     return list(found.values()), drawn_per
+
+
+def focus_networks(targets: Sequence[str], per_target: int, workdir: Path, seed: int = 0,
+                   progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Whole candidates of the target models, exported as they would ship: calibration measures
+    them and fits the boundary savings (what connected kernels save against lone ones) on real
+    networks as well as on its synthetic chains.
+
+    Per target the dense plan, the uniform int8 preset and random plans (their own stream,
+    never check-latency's) up to ``per_target``; random weights suffice. Each entry has
+    ``name``, ``path`` (the ONNX file in ``workdir``), ``kernels`` and ``edges``.
+
+    Example:
+        >>> nets = focus_networks(["digits-cnn"], 2, Path(tmp))  # doctest: +SKIP
+        >>> [n["name"] for n in nets]  # doctest: +SKIP
+        ['digits-cnn/dense', 'digits-cnn/int8']
+    """
+    from edgeslim.objectives._kernels import extract_graph
+
+    rng = np.random.default_rng(seed + _NETWORK_SEED)
+    built = [_focus_target(t) for t in targets]
+    out: list[dict[str, Any]] = []
+    for ti, (target, (model, x, rules)) in enumerate(zip(targets, built)):
+        space = CompressionSpace.build(model, x, rules) if rules is not None else CompressionSpace.build(model, x)
+        dists = space.distributions()
+        plans = [("dense", space.dense_plan()), ("int8", space.uniform_plan(bits=8))]
+        plans += [(f"random{i}", random_plan(space, rng, dists)) for i in range(max(per_target - 2, 0))]
+        for j, (tag, plan) in enumerate(plans[:per_target]):
+            realized = space.realize(model, plan)
+            with torch.no_grad():
+                realized(x)  # settle activation observers of quantized layers
+            kernels, edges = extract_graph(realized, x)
+            calib = [np.random.default_rng(i).standard_normal(tuple(x.shape)).astype(np.float32) for i in range(4)]
+            path, _, _ = build_artifact(realized, x, layer_bits(realized), calib, workdir, stem=f"net{ti}_{j}")
+            out.append({"name": f"{Path(target).stem if target.endswith('.toml') else target}/{tag}",
+                        "path": str(path), "kernels": kernels, "edges": edges})
+            if progress:
+                progress(len(out), len(targets) * per_target)
+    return out

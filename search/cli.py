@@ -106,6 +106,14 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate a device's latency model: here (--device), as a kit for a remote device (--kit),
     or from a kit's measurements (--fit)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="edgeslim-nets-") as net_dir:  # focus networks' ONNX files
+        return _calibrate_with(args, Path(net_dir))
+
+
+def _calibrate_with(args: argparse.Namespace, net_dir: Any) -> int:
     import datetime as dt
     import os
     from pathlib import Path
@@ -135,8 +143,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                "or pass --replace (the old profile is kept as a .bak file)")
     focus: list[Any] = []
     focus_plans: dict[str, int] = {}
+    networks: list[dict[str, Any]] = []
     if targets:
-        from edgeslim.search._check import FOCUS_PLANS, workload_kernels
+        from edgeslim.search._check import FOCUS_PLANS, focus_networks, workload_kernels
 
         fbar = Progress(1, "focus plans")
 
@@ -147,11 +156,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         budget = FOCUS_PLANS[mode]
         focus, focus_plans = workload_kernels(targets, budget["min"], budget["max"], budget["seconds"],
                                               args.seed or 0, fprogress)
+        nbar = Progress(1, "focus networks exported")
+
+        def nprogress(done: int, total: int) -> None:
+            nbar.total = total
+            nbar.update(done)
+
+        networks = focus_networks(targets, budget["networks"], net_dir, args.seed or 0, nprogress)
         print(f"focus: {len(focus)} distinct kernels from " + ", ".join(
-            f"{t} ({n} plans)" for t, n in focus_plans.items()), file=sys.stderr)
+            f"{t} ({n} plans)" for t, n in focus_plans.items()) + f", and {len(networks)} whole networks",
+            file=sys.stderr)
     if args.kit:
         kit = _calibrate.write_kit(Path(args.kit), threads, mode, args.seed or 0, focus,
-                                   {"plans": focus_plans, "kernels": len(focus)} if targets else None)
+                                   {"plans": focus_plans, "kernels": len(focus), "networks": len(networks)}
+                                   if targets else None, networks)
         n = len(list((kit / "models").glob("*.onnx")))
         print(f"wrote kit {kit} ({n} micro-models, {mode} design, {threads} thread(s)). On the device:\n"
               f"  1. copy {kit} there; it needs Python 3, numpy and onnxruntime only\n"
@@ -192,7 +210,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             if done == total or done % 10 == 0:
                 bar.update(done)
 
-        result = _calibrate.calibrate(args.device, threads, mode, args.seed or 0, progress, reader, focus=focus)
+        result = _calibrate.calibrate(args.device, threads, mode, args.seed or 0, progress, reader, focus=focus,
+                                      networks=networks)
         facts, protocol = _runner.device_facts(threads), dict(_runner.PROTOCOL)
         if reader is not None:
             fitted = _calibrate.fit_energy(result.kernels, result.measurements,
@@ -213,20 +232,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if result.track is not None and result.track.points:
         extra["speed_track"] = result.track.to_dict()
     if targets:
-        extra["focus"] = {"plans": focus_plans, "kernels": len(focus)}
+        extra["focus"] = {"plans": focus_plans, "kernels": len(focus), "networks": len(networks)}
     elif args.fit and data.get("focus"):
         extra["focus"] = data["focus"]
     profile = DeviceProfile(name=args.device, threads=threads, energy=energy, latency_model=result.model,
                             facts=facts, profile_id=profile_id(facts, created), extra=extra)
     path = profile.save(target, replace=args.replace)
     print(f"wrote {path}: {len(result.kernels)} micro-models over {len(result.model.types_)} kernel types and "
-          f"{len(result.chains)} kernel chains, "
+          f"{sum('chain' in c for c in result.chains)} kernel chains, "
+          f"{sum('network' in c for c in result.chains)} whole networks, "
           f"per-inference overhead {result.model.overhead_[0][1] * 1e3:.1f} us; energy "
           f"{'fitted to the power meter' if energy.measured else 'uses documented default constants (estimate)'}")
     if result.track is not None and len(result.track.points) >= 3:
         f = [result.track.factor(s) for s, _ in result.track.points]
         print(f"  device speed over the calibration: {min(f) - 1:+.1%} to {max(f) - 1:+.1%} around its median "
-              f"({len(f)} timings of the reference kernels); measurements normalized to the median")
+              f"({len(f)} timings of the reference kernels; recorded, not corrected for: recalibrate on a quiet "
+              f"device when this spread is large)")
     for r in result.rounds:
         print(f"  adaptive round {r['round']}: held-out MAPE {r['heldout_mape']:.1%}, "
               f"within 10% {r['heldout_within_10pct']:.0%} over {r['points']} new kernels")

@@ -371,13 +371,22 @@ def test_local_calibration_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setitem(_runner.PROTOCOL, "warmup", 1)
     from edgeslim.search import _check
 
-    monkeypatch.setitem(_check.FOCUS_PLANS, "quick", {"min": 2, "max": 2, "seconds": 0.0})
+    monkeypatch.setitem(_check.FOCUS_PLANS, "quick", {"min": 2, "max": 2, "seconds": 0.0, "networks": 3})
     assert main(["calibrate", "--device", "tiny", "--devices-dir", str(tmp_path), "--for", "digits-cnn"]) == 0
     profile = load_device("tiny", devices_dir=tmp_path)
     data = json.loads((tmp_path / "tiny.json").read_text())
-    assert len(data["chains"]) == 12 and len(data["rounds"]) == 1
-    assert all(len(c["lone"]) == len(c["chain"]["kernels"]) for c in data["chains"])
+    chains = [c for c in data["chains"] if "chain" in c]
+    assert len(chains) == 12 and len(data["rounds"]) == 1
+    assert all(len(c["lone"]) == len(c["chain"]["kernels"]) for c in chains)
+    # whole candidates of the focus model were exported and measured, and joined the boundary fit
+    nets = [c for c in data["chains"] if "network" in c]
+    assert [n["network"]["name"] for n in nets] == ["digits-cnn/dense", "digits-cnn/int8", "digits-cnn/random0"]
+    assert all(n["p50_ms"] > 0 and len(n["network"]["edges"]) >= len(n["network"]["kernels"]) - 1 for n in nets)
+    measured_shapes = {Kernel(**m["kernel"]).shape for m in data["measurements"]}
+    assert all(Kernel(**k).shape in measured_shapes for n in nets for k in n["network"]["kernels"])
+    assert all(len(n["lone"]) == len(n["network"]["kernels"]) for n in nets)  # measured alone right after
     assert data["focus"]["plans"] == {"digits-cnn": 5}  # dense, int8, int4 presets + 2 random plans
+    assert data["focus"]["networks"] == 3
     assert len(data["reference"]["p50_ms"]) == len(_calibrate.REFERENCE_KERNELS)
     assert all(t > 0 for t in data["reference"]["p50_ms"])
     assert profile.latency_model.boundaries_ is not None
