@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -269,6 +270,30 @@ def test_rapl_reader_handles_wraparound(tmp_path):
     (zone / "energy_uj").write_text("500\n")  # wrapped: 500 to the top, 1 to zero, 500 after
     assert reader() == pytest.approx(0.0005 + 0.001001)
     assert find_rapl(tmp_path / "none") is None
+
+
+def test_kit_carries_focus_networks_with_their_parts(tmp_path, monkeypatch):
+    """A whole focus candidate travels in the kit, followed by its kernels alone; the fit on the
+    device's measurements turns it into a network record with its lone times."""
+    from edgeslim.search._check import focus_networks
+
+    monkeypatch.setattr(_calibrate, "MODES", {"quick": (2, 0, 0, 0), "full": (2, 0, 0, 0)})
+    monkeypatch.setattr(_calibrate, "CHAINS", {"quick": 3, "full": 3})
+    nets = focus_networks(["digits-cnn"], 1, tmp_path)
+    assert [n["name"] for n in nets] == ["digits-cnn/dense"] and Path(nets[0]["path"]).is_file()
+    kit = _calibrate.write_kit(tmp_path / "kit", 1, "quick", networks=nets)
+    entries = json.loads((kit / "kit.json").read_text())["entries"]
+    net = next(e for e in entries if "network" in e)
+    assert (kit / net["file"]).is_file() and net["network"]["name"] == "digits-cnn/dense"
+    assert [entries[i]["kernel"] for i in net["parts"]] == [{**k, "layer": ""} for k in net["network"]["kernels"]]
+    assert net["network"]["kernels"][0]["layer"] == "features.0"  # the record keeps the layer names
+    rng = np.random.default_rng(0)  # stand-in measurements: the fit's bookkeeping is what is tested
+    measured = {"entries": [{**e, "p50_ms": float(rng.uniform(0.02, 0.5)), "p95_ms": 0.6, "runs": 20,
+                             "rejected": 0, "io_bytes": 1024 * (1 + i % 7)} for i, e in enumerate(entries)]}
+    result = _calibrate.fit_measurements(measured, "remote")
+    records = [c for c in result.chains if "network" in c]
+    assert len(records) == 1 and len(records[0]["lone"]) == len(net["parts"])
+    assert records[0]["p50_ms"] == measured["entries"][entries.index(net)]["p50_ms"]
 
 
 def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
