@@ -702,7 +702,9 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
     """A self-contained kit: micro-models, ``kit.json`` and ``run_kit.py`` (numpy + onnxruntime).
 
     Remote devices cannot refit between rounds, so the kit holds a fixed design the size of the
-    mode's whole adaptive budget, plus the ``focus`` kernels.
+    mode's whole adaptive budget, plus the ``focus`` kernels, the chains and the focus
+    ``networks`` (each followed by its kernels alone); the reference kernels and the Identity
+    (overhead) models are timed at the start, every ``TRACK_EVERY`` models and at the end.
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
     kernels = design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed) + list(focus)

@@ -272,6 +272,23 @@ def test_rapl_reader_handles_wraparound(tmp_path):
     assert find_rapl(tmp_path / "none") is None
 
 
+def test_speed_track_follows_the_device_and_ignores_one_spike():
+    track = _calibrate.SpeedTrack()
+    assert track.factor(0) == 1.0 and track.reference() == []
+    for i, scale in enumerate([1.0, 1.0, 1.0, 1.5, 1.0, 1.2, 1.2, 1.2, 1.2]):
+        track.add(100 * i, [2.0 * scale, 0.5 * scale])
+    assert track.reference() == pytest.approx([2.4, 0.6])  # each kernel's median: the 1.2 state
+    assert track.factor(300) == pytest.approx(1 / 1.2)  # the one slow timing is smoothed away
+    assert track.factor(50) == pytest.approx(1 / 1.2) and track.factor(700) == pytest.approx(1.0)
+    # a kit's entries: each run of reference entries is one timing, placed at the entry after it
+    n = len(_calibrate.REFERENCE_KERNELS)
+    entries = [{"reference": i, "p50_ms": 1.0 + i} for i in range(n)] + [{"kernel": {}, "p50_ms": 0.1}] * 3
+    entries += [{"reference": i, "p50_ms": 2.0 + 2 * i} for i in range(n)]
+    kit_track = _calibrate.SpeedTrack.from_entries(entries)
+    assert [s for s, _ in kit_track.points] == [n, 2 * n + 3]
+    assert kit_track.points[1][1] == [2.0 + 2 * i for i in range(n)]
+
+
 def test_kit_carries_focus_networks_with_their_parts(tmp_path, monkeypatch):
     """A whole focus candidate travels in the kit, followed by its kernels alone; the fit on the
     device's measurements turns it into a network record with its lone times."""
