@@ -410,8 +410,7 @@ class CalibrationResult:
     model: LatencyModel
     rounds: list[dict[str, float]]
     chains: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    reference: list[float] = dataclasses.field(default_factory=list)  # REFERENCE_KERNELS' p50 in ms
-    track: SpeedTrack | None = None  # the device's speed over the calibration
+    track: SpeedTrack | None = None  # the device's speed over the calibration (its reference() per kernel)
 
 
 # a compute-bound float conv, an int8 conv, a memory-bound depthwise conv and a Linear: timed at
@@ -598,6 +597,10 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
             progress(done, total)
 
     track = SpeedTrack()
+
+    def fit_so_far() -> LatencyModel:  # with the overhead timings taken so far
+        return _fit(kernels + [k for k, _ in track.io], meas + [m for _, m in track.io], device)
+
     with tempfile.TemporaryDirectory(prefix="edgeslim-cal-") as tmp:
         work = Path(tmp)
         kernels = design(types, per_type, seed) + list(focus)
@@ -607,7 +610,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
                                                           track, networks)
         kernels += lone_kernels
         meas += lone_meas
-        model = _fit(kernels + [k for k, _ in track.io], meas + [m for _, m in track.io], device)
+        model = fit_so_far()
         history = []
         for r in range(rounds):
             val = [random_kernel(t, rng) for t in types for _ in range(n_val)]
@@ -623,14 +626,14 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
             kernels += val + nb
             meas += vm + nm
             if r < rounds - 1:  # the last round's points go into the final fit below
-                model = _fit(kernels + [k for k, _ in track.io], meas + [m for _, m in track.io], device)
+                model = fit_so_far()
         time_track(track, threads, work)  # the closing timing
         kernels += [k for k, _ in track.io]
         meas += [m for _, m in track.io]
         # full mode chooses each type's regressor by cross-validation (about a minute of fitting)
         model = _fit(kernels, meas, device, select=mode == "full")
         _fit_chains(model, chains)
-    return CalibrationResult(kernels, meas, model, history, chains, track.reference(), track)
+    return CalibrationResult(kernels, meas, model, history, chains, track)
 
 
 _LONE_KEYS = ("p50_ms", "p95_ms", "io_bytes", "seq")
@@ -791,7 +794,7 @@ def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
               for e in every if "chain" in e or "network" in e]
     model = _fit(kernels, meas, device, select=True)
     _fit_chains(model, chains)
-    return CalibrationResult(kernels, meas, model, [], chains, track.reference(), track)
+    return CalibrationResult(kernels, meas, model, [], chains, track)
 
 
 def fit_energy(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], source: str) -> Any:

@@ -243,8 +243,6 @@ class LatencyModel:
         how many trees) is chosen by 5-fold cross-validation; otherwise the default is used.
         """
         io = [m for k, m in zip(kernels, measurements) if k.op == "io"]
-        if len(io) < 2:
-            raise ValueError("fit needs at least two 'io' (Identity) measurements to fit the overhead")
         # binding cost is not linear in size (cache effects): keep the measured curve, sorted; a
         # size timed several times over a calibration contributes its median
         by_size: dict[float, list[float]] = {}

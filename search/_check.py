@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from edgeslim.objectives import DeviceProfile, Kernel, build_artifact, measure_latency
+from edgeslim.objectives._calibrate import measure_reference, reference_from, speed_ratio
 from edgeslim.search._workloads import DigitsCNN, DigitsResNet
 from edgeslim.spaces import CompressionSpace, Plan, RuleSet, SpecError, layer_bits
 
@@ -143,8 +144,6 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
     with tempfile.TemporaryDirectory(prefix="edgeslim-check-") as tmp:
         def time_reference() -> None:
             if reference:
-                from edgeslim.objectives._calibrate import measure_reference
-
                 timings.append(measure_reference(n_threads, Path(tmp)))
 
         for w in workloads:
@@ -158,11 +157,8 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                 drawn = random_plan(space, rng, dists)  # drawn for the dense one too: seeds keep their plans
                 plan = drawn if i else space.dense_plan()
                 model = space.realize(base, plan, reduce_range=profile.int8_reduce_range)
-                with torch.no_grad():
-                    model(x)  # settle activation observers of quantized layers
+                path = _export_candidate(model, x, Path(tmp), f"{w}-{i}")
                 predicted, _, _ = profile.latency_model.predict_module(model, x)
-                calib = [np.random.default_rng(j).standard_normal(shape).astype(np.float32) for j in range(4)]
-                path, _, _ = build_artifact(model, x, layer_bits(model), calib, Path(tmp), stem=f"{w}-{i}")
                 time_reference()
                 rows.append(CheckRow(w, plan.summary(), predicted, measure(path, shape)))
                 files.append((path, shape))
@@ -170,8 +166,6 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                     progress(len(rows), total)
         time_reference()
         if reference:
-            from edgeslim.objectives._calibrate import reference_from, speed_ratio
-
             rows = [dataclasses.replace(r, speed=speed_ratio(reference_from(a, b), reference))
                     for r, a, b in zip(rows, timings, timings[1:])]
         if repeat:
@@ -180,6 +174,15 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                 if progress:
                     progress(len(rows) + i + 1, total)
     return rows
+
+
+def _export_candidate(model: nn.Module, x: torch.Tensor, workdir: Path, stem: str) -> Path:
+    """A realized candidate's artifact as it would ship, quantized layers calibrated on four
+    random inputs (random weights and inputs suffice for latency)."""
+    with torch.no_grad():
+        model(x)  # settle activation observers of quantized layers
+    calib = [np.random.default_rng(j).standard_normal(tuple(x.shape)).astype(np.float32) for j in range(4)]
+    return build_artifact(model, x, layer_bits(model), calib, workdir, stem=stem)[0]
 
 
 def random_plan(space: CompressionSpace, rng: np.random.Generator,
@@ -245,7 +248,7 @@ def workload_kernels(targets: Sequence[str], min_plans: int, max_plans: int | No
     total, done, drawn_per = len(built) * (most + 3), 0, {}
     for target, (model, x, rules) in zip(targets, built):
         start = time.perf_counter()
-        space = CompressionSpace.build(model, x, rules) if rules is not None else CompressionSpace.build(model, x)
+        space = CompressionSpace.build(model, x, rules)
         dists = space.distributions()
         presets = [space.dense_plan(), space.uniform_plan(bits=8), space.uniform_plan(bits=4)]
         n = 0
@@ -286,17 +289,14 @@ def focus_networks(targets: Sequence[str], per_target: int, workdir: Path, seed:
     built = [_focus_target(t) for t in targets]
     out: list[dict[str, Any]] = []
     for ti, (target, (model, x, rules)) in enumerate(zip(targets, built)):
-        space = CompressionSpace.build(model, x, rules) if rules is not None else CompressionSpace.build(model, x)
+        space = CompressionSpace.build(model, x, rules)
         dists = space.distributions()
         plans = [("dense", space.dense_plan()), ("int8", space.uniform_plan(bits=8))]
         plans += [(f"random{i}", random_plan(space, rng, dists)) for i in range(max(per_target - 2, 0))]
         for j, (tag, plan) in enumerate(plans[:per_target]):
             realized = space.realize(model, plan)
-            with torch.no_grad():
-                realized(x)  # settle activation observers of quantized layers
+            path = _export_candidate(realized, x, workdir, f"net{ti}_{j}")
             kernels, edges = extract_graph(realized, x)
-            calib = [np.random.default_rng(i).standard_normal(tuple(x.shape)).astype(np.float32) for i in range(4)]
-            path, _, _ = build_artifact(realized, x, layer_bits(realized), calib, workdir, stem=f"net{ti}_{j}")
             out.append({"name": f"{Path(target).stem if target.endswith('.toml') else target}/{tag}",
                         "path": str(path), "kernels": kernels, "edges": edges})
             if progress:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "COMMANDS"]
@@ -55,8 +56,6 @@ def _front_table(front: list[dict[str, Any]], names: list[str]) -> str:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Run or resume a study; print the front and the report path."""
-    from pathlib import Path
-
     from edgeslim.search._study import run_search
 
     spec = _spec_from_args(args)
@@ -107,16 +106,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate a device's latency model: here (--device), as a kit for a remote device (--kit),
     or from a kit's measurements (--fit)."""
     import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory(prefix="edgeslim-nets-") as net_dir:  # focus networks' ONNX files
         return _calibrate_with(args, Path(net_dir))
 
 
-def _calibrate_with(args: argparse.Namespace, net_dir: Any) -> int:
+def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
     import datetime as dt
     import os
-    from pathlib import Path
 
     from edgeslim.objectives import _calibrate, _runner, kernel_type
     from edgeslim.objectives._device import DeviceProfile, EnergyConstants, ProfileError, profile_id
@@ -226,10 +223,9 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Any) -> int:
                          for k, m in zip(result.kernels, result.measurements)],
         "chains": result.chains,
     }
-    if result.reference:
-        extra["reference"] = {"kernels": [dataclasses.asdict(k) for k in _calibrate.REFERENCE_KERNELS],
-                              "p50_ms": result.reference}
     if result.track is not None and result.track.points:
+        extra["reference"] = {"kernels": [dataclasses.asdict(k) for k in _calibrate.REFERENCE_KERNELS],
+                              "p50_ms": result.track.reference()}
         extra["speed_track"] = result.track.to_dict()
     if targets:
         extra["focus"] = {"plans": focus_plans, "kernels": len(focus), "networks": len(networks)}
@@ -257,8 +253,6 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Any) -> int:
 
 def cmd_check_latency(args: argparse.Namespace) -> int:
     """Compare a profile's predictions with latency measured here on random candidates."""
-    from pathlib import Path
-
     from edgeslim.objectives import _calibrate, load_device
     from edgeslim.search._check import VALIDATION_WORKLOADS, check_latency, summarize
     from edgeslim.search._progress import Progress
@@ -329,8 +323,6 @@ def _slo_from_args(args: argparse.Namespace) -> Any:
 
 def cmd_pick(args: argparse.Namespace) -> int:
     """Pick the most accurate variant meeting every budget; optionally export it."""
-    from pathlib import Path
-
     from edgeslim.search._export import all_records, export_variant, open_study_dir
     from edgeslim.search._pick import NoFitError, select
 
@@ -386,8 +378,6 @@ def _report_export(result: Any) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export one trial as a versioned ONNX variant with a model card."""
-    from pathlib import Path
-
     from edgeslim.search._export import export_variant
 
     result = export_variant(Path(args.study), args.trial, Path(args.out) if args.out else None, args.storage,
@@ -398,8 +388,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_variants(args: argparse.Namespace) -> int:
     """List a study's exported variants (kept for rollback)."""
-    from pathlib import Path
-
     from edgeslim.search._export import list_variants
 
     cards = list_variants(Path(args.study))
