@@ -221,6 +221,8 @@ def _residual_source(kernels: Sequence[Kernel], i: int, outs: Sequence[str]) -> 
 def _residual_index(kernels: Sequence[Kernel], i: int) -> int:
     if i == 3 and all(k.op == "conv" for k in kernels[:3]) and kernels[1].groups > 1:
         return -1
+    if i >= 3 and kernels[i - 3].op == "add":  # a block after a block: the identity shortcut from its add
+        return i - 3
     return i - 2
 
 
@@ -228,7 +230,9 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
     """2-4 connected convolutions (or Linears) at one spatial size, each at a random bit-width,
     with channel counts drawn like :func:`random_kernel` draws them; some start with a first
     layer (1-3 input channels) or put a max pool between two convs, some are residual blocks
-    (conv, conv, add) and some inverted residuals (1x1 expand, depthwise 3x3, 1x1 project, add)."""
+    (conv, conv, add; some go on into a second block, whose add takes the first add's output,
+    and some end in a global pool and a Linear), some inverted residuals (1x1 expand, depthwise
+    3x3, 1x1 project, add) and some classifier heads."""
     def ch() -> int:
         width = int(rng.choice(_CHANNELS[:10]))
         return width if rng.random() < 0.5 else max(2, int(width * rng.uniform(0.2, 1.0)))
@@ -256,14 +260,25 @@ def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
             if sum(k.macs for k in kernels) <= MAX_MACS:
                 return kernels, acts
             continue
-        if not gemm and rng.random() < 0.3:  # a residual block: conv, conv, add(+ReLU)
-            b1, b2 = bits(), bits()
+        if not gemm and rng.random() < 0.3:  # residual blocks: conv, conv, add(+ReLU), then what follows an add
             ksz = int(rng.choice((1, 3, 3)))
-            kernels = [Kernel("conv", b1, c, c, ksz, 1, 1, hw, hw, hw, hw),
-                       Kernel("conv", b2, c, c, ksz, 1, 1, hw, hw, hw, hw),
+            kernels = [Kernel("conv", bits(), c, c, ksz, 1, 1, hw, hw, hw, hw),
+                       Kernel("conv", bits(), c, c, ksz, 1, 1, hw, hw, hw, hw),
                        Kernel("add", 32, c, c, h=hw, w=hw, ho=hw, wo=hw)]
+            acts = [True, False]
+            # networks run an add into the next block (its conv and, through the identity
+            # shortcut, its add) or into the classifier's global pool: those boundaries need
+            # chains too, or only whole networks would ever fit them
+            if rng.random() < 0.5:
+                kernels += [Kernel("conv", bits(), c, c, ksz, 1, 1, hw, hw, hw, hw),
+                            Kernel("conv", bits(), c, c, ksz, 1, 1, hw, hw, hw, hw),
+                            Kernel("add", 32, c, c, h=hw, w=hw, ho=hw, wo=hw)]
+                acts += [True, True, False]
+            if rng.random() < 0.3:
+                kernels += [Kernel("gpool", 32, c, c, h=hw, w=hw), Kernel("gemm", bits(), c, int(rng.choice((10, 100))))]
+                acts += [True, True]
             if sum(k.macs for k in kernels) <= MAX_MACS:
-                return kernels, [True, False]
+                return kernels, acts
             continue
         if not gemm and rng.random() < 0.3:  # a classifier head: conv, global pool and flatten, 1-2 Linears
             cout = ch()
@@ -305,8 +320,10 @@ def chain_edges(kernels: Sequence[Kernel], acts: Sequence[bool]) -> list[tuple[i
         >>> chain_edges([c, c, Kernel("add", cin=8, cout=8, h=8, w=8, ho=8, wo=8)], [True, False])
         [(0, 1, True), (1, 2, False), (0, 2, True)]
     """
-    edges = [(i, i + 1, bool(acts[i])) for i in range(len(kernels) - 1)]
-    edges += [(j, i, bool(acts[j])) for i, k in enumerate(kernels) if k.op == "add" and i >= 2
+    # a pool's ``acts`` entry is True by convention (it has no ReLU to drop); nothing activates its output
+    act = [bool(a) and k.op not in ("pool", "gpool") for k, a in zip(kernels, acts)]
+    edges = [(i, i + 1, act[i]) for i in range(len(kernels) - 1)]
+    edges += [(j, i, act[j]) for i, k in enumerate(kernels) if k.op == "add" and i >= 2
               for j in [_residual_index(kernels, i)] if j >= 0]
     return edges
 
@@ -427,7 +444,7 @@ REFERENCE_KERNELS: tuple[Kernel, ...] = (
 def measure_reference(threads: int, workdir: Path) -> list[float]:
     """p50 in ms of each of :data:`REFERENCE_KERNELS`, each in its own fresh session."""
     out = _measure_models([functools.partial(micro_model, k) for k in REFERENCE_KERNELS], threads, workdir,
-                          10_000_000, lambda: None)
+                          10_000_000, lambda: None, sizes=[len(REFERENCE_KERNELS)])
     return [float(m["p50_ms"]) for m in out]
 
 
@@ -462,6 +479,7 @@ class SpeedTrack:
     def __init__(self) -> None:
         self.points: list[tuple[int, list[float]]] = []
         self.seq = 0  # position of the next measurement (used while measuring)
+        self.timed_at = 0  # ``seq`` at the last timing
         # Identity models timed with each timing: the per-inference overhead, which every kernel's
         # time is taken net of, is then the calibration's typical value, not one early sample
         self.io: list[tuple[Kernel, dict[str, Any]]] = []
@@ -522,35 +540,51 @@ def speed_ratio(now: Sequence[float], then: Sequence[float]) -> float:
     return float(np.exp(np.mean(np.log(np.asarray(now) / np.asarray(then)))))
 
 
+# lone micro-models timed together (interleaved, see _runner.time_group): long enough a stretch
+# to average the VM's speed states, short enough that a group's sessions stay small
+GROUP = 8
+
+
 def _measure_models(builders: Sequence[Callable[[int], onnx.ModelProto]], threads: int, workdir: Path,
                     offset: int, tick: Callable[[], None], energy_reader: Any = None,
-                    track: SpeedTrack | None = None) -> list[dict[str, Any]]:
-    """Save, measure and delete each model in turn; ``builder(seed)`` makes model ``offset + i``.
+                    track: SpeedTrack | None = None, sizes: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Save, measure and delete the models, ``sizes`` of them at a time (default ``GROUP``),
+    each group interleaved; ``builder(seed)`` makes model ``offset + i``.
 
     With ``track`` each measurement gets its position ``seq`` in the calibration and the
-    reference kernels are timed before every ``TRACK_EVERY``-th one."""
-    out = []
-    for i, build in enumerate(builders):
-        path = workdir / f"m{offset + i}.onnx"
-        onnx.save(build(offset + i), str(path))
-        if track is not None and track.seq % TRACK_EVERY == 0:
+    reference kernels are timed before the group that reaches each ``TRACK_EVERY``-th one."""
+    if sizes is None:
+        sizes = [min(GROUP, len(builders) - i) for i in range(0, len(builders), GROUP)]
+    out: list[dict[str, Any]] = []
+    at = 0
+    for size in sizes:
+        paths = []
+        for i in range(at, at + size):
+            paths.append(workdir / f"m{offset + i}.onnx")
+            onnx.save(builders[i](offset + i), str(paths[-1]))
+        if track is not None and (track.seq == 0 or track.seq // TRACK_EVERY > track.timed_at // TRACK_EVERY):
             time_track(track, threads, workdir)
-        m = _runner.measure_file(str(path), threads, offset + i, energy_reader=energy_reader)
-        if track is not None:
-            m["seq"] = track.seq
-            track.seq += 1
-        out.append(m)
-        path.unlink()
-        tick()
+        group = _runner.measure_files([str(q) for q in paths], threads, list(range(offset + at, offset + at + size)),
+                                      energy_reader=energy_reader)
+        for m, q in zip(group, paths):
+            if track is not None:
+                m["seq"] = track.seq
+                track.seq += 1
+            out.append(m)
+            q.unlink()
+            tick()
+        at += size
     return out
 
 
 def time_track(track: SpeedTrack, threads: int, workdir: Path) -> None:
-    """One timing for ``track``: the reference kernels and the Identity (overhead) models."""
-    track.add(track.seq, measure_reference(threads, workdir))
-    io = io_kernels()
-    track.io += zip(io, _measure_models([functools.partial(micro_model, k) for k in io], threads, workdir,
-                                        20_000_000, lambda: None))
+    """One timing for ``track``: the reference kernels and the Identity (overhead) models, together."""
+    ks = list(REFERENCE_KERNELS) + io_kernels()
+    got = _measure_models([functools.partial(micro_model, k) for k in ks], threads, workdir, 20_000_000,
+                          lambda: None, sizes=[len(ks)])
+    track.add(track.seq, [float(m["p50_ms"]) for m in got[:len(REFERENCE_KERNELS)]])
+    track.io += zip(io_kernels(), got[len(REFERENCE_KERNELS):])
+    track.timed_at = track.seq
 
 
 def _measure(kernels: Sequence[Kernel], threads: int, workdir: Path, offset: int,
@@ -643,8 +677,8 @@ def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: i
                     tick: Callable[[], None], energy_reader: Any = None, track: SpeedTrack | None = None,
                     networks: Sequence[Mapping[str, Any]] = (),
                     ) -> tuple[list[dict[str, Any]], list[Kernel], list[dict[str, Any]]]:
-    """Each chain (then each focus network), then each of its kernels alone, back to back (the
-    same machine state): its boundary saving is then measured lone times less its own, free of the
+    """Each chain (then each focus network) timed together with each of its kernels alone
+    (interleaved, the same machine states): its boundary saving is then measured lone times less its own, free of the
     kernel model's error and of the device's drift between the two. Returns the chain and network
     records and the lone kernels with their measurements."""
     items: list[tuple[Callable[[int], onnx.ModelProto], list[Kernel], dict[str, Any]]] = []
@@ -658,7 +692,8 @@ def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: i
     for build, ks, _ in items:
         builders.append(build)
         builders += [functools.partial(micro_model, k) for k in ks]
-    meas = _measure_models(builders, threads, workdir, offset, tick, energy_reader, track)
+    meas = _measure_models(builders, threads, workdir, offset, tick, energy_reader, track,
+                           sizes=[1 + len(ks) for _, ks, _ in items])
     records, lone_kernels, lone_meas, at = [], [], [], 0
     for _, ks, what in items:
         whole, parts = meas[at], meas[at + 1: at + 1 + len(ks)]
@@ -706,8 +741,9 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
 
     Remote devices cannot refit between rounds, so the kit holds a fixed design the size of the
     mode's whole adaptive budget, plus the ``focus`` kernels, the chains and the focus
-    ``networks`` (each followed by its kernels alone); the reference kernels and the Identity
-    (overhead) models are timed at the start, every ``TRACK_EVERY`` models and at the end.
+    ``networks`` (each timed together with its kernels alone); the reference kernels and the
+    Identity (overhead) models are timed at the start, every ``TRACK_EVERY`` models and at the
+    end. Entries with the same ``group`` are timed together, interleaved.
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
     kernels = design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed) + list(focus)
@@ -720,48 +756,62 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
     for i, k in enumerate(io_kernels()):
         onnx.save(micro_model(k), str(kit_dir / f"models/io_{i}.onnx"))
     since = 0
+    groups = 0  # entries with one "group" are timed together, interleaved (see _runner.time_group)
 
-    def time_reference(force: bool = False) -> None:
+    def new_group() -> str:
+        nonlocal groups
+        groups += 1
+        return f"g{groups}"
+
+    def time_reference(force: bool = False) -> bool:
         # the device's speed over the run (see SpeedTrack), timed every TRACK_EVERY models
         nonlocal since
         if force or since >= TRACK_EVERY:
-            entries.extend({"file": f"models/ref_{i}.onnx", "reference": i} for i in range(len(REFERENCE_KERNELS)))
-            entries.extend({"file": f"models/io_{i}.onnx", "kernel": dataclasses.asdict(k)}
+            g = new_group()
+            entries.extend({"file": f"models/ref_{i}.onnx", "reference": i, "group": g}
+                           for i in range(len(REFERENCE_KERNELS)))
+            entries.extend({"file": f"models/io_{i}.onnx", "kernel": dataclasses.asdict(k), "group": g}
                            for i, k in enumerate(io_kernels()))
             since = 0
+            return True
+        return False
 
     time_reference(force=True)
+    g = new_group()
     for i, k in enumerate(kernels):
-        time_reference()
+        if time_reference() or i % GROUP == 0:
+            g = new_group()
         name = f"models/k{i:05d}.onnx"
         onnx.save(micro_model(k, seed=i), str(kit_dir / name))
-        entries.append({"file": name, "kernel": dataclasses.asdict(k)})
+        entries.append({"file": name, "kernel": dataclasses.asdict(k), "group": g})
         since += 1
     rng = np.random.default_rng(seed + 2)
     for j in range(CHAINS[mode]):
         time_reference()  # never between a chain and its parts
         ks, acts = random_chain(rng)
+        g = new_group()  # a chain is timed with its kernels alone
         name = f"models/c{j:05d}.onnx"
         onnx.save(chain_model(ks, acts, seed=len(entries)), str(kit_dir / name))
         parts = list(range(len(entries) + 1, len(entries) + 1 + len(ks)))
         entries.append({"file": name, "chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": acts},
-                        "parts": parts})
-        for i, k in enumerate(ks):  # measured right after their chain, alone
+                        "parts": parts, "group": g})
+        for i, k in enumerate(ks):
             part = f"models/c{j:05d}_{i}.onnx"
             onnx.save(micro_model(k, seed=len(entries)), str(kit_dir / part))
-            entries.append({"file": part, "kernel": dataclasses.asdict(k)})
+            entries.append({"file": part, "kernel": dataclasses.asdict(k), "group": g})
         since += 1 + len(ks)
-    for j, net in enumerate(networks):  # whole focus candidates, as they would ship, then their kernels alone
+    for j, net in enumerate(networks):  # whole focus candidates, as they would ship, with their kernels alone
         time_reference()
+        g = new_group()
         name = f"models/n{j:03d}.onnx"
         shutil.copyfile(net["path"], kit_dir / name)
         ks = [dataclasses.replace(k, layer="") for k in net["kernels"]]
         entries.append({"file": name, "network": network_record(net),
-                        "parts": list(range(len(entries) + 1, len(entries) + 1 + len(ks)))})
+                        "parts": list(range(len(entries) + 1, len(entries) + 1 + len(ks))), "group": g})
         for i, k in enumerate(ks):
             part = f"models/n{j:03d}_{i}.onnx"
             onnx.save(micro_model(k, seed=len(entries)), str(kit_dir / part))
-            entries.append({"file": part, "kernel": dataclasses.asdict(k)})
+            entries.append({"file": part, "kernel": dataclasses.asdict(k), "group": g})
         since += 1 + len(ks)
     time_reference(force=True)
     kit_id = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12]

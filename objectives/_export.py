@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import io
 import logging
-import time
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -308,35 +308,30 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
 
     Fixed intra-op threads, sequential execution, all graph optimizations, random (non-zero)
     input, ``warmup`` discarded runs, then runs until ``budget_s`` is spent (bounded by
-    ``min_runs``/``max_runs``). Each run is timed on its own. With ``sessions`` > 1 this is
-    repeated in that many fresh sessions and the median is the median of their medians: on a
-    shared VM one session of a small model can sit 10-20 % off another (buffer placement), which
-    one long session cannot average out.
+    ``min_runs``/``max_runs``), in the calibration's interleaved windows
+    (:func:`edgeslim.objectives._runner.time_group`). Each run is timed on its own. With
+    ``sessions`` > 1 that many fresh sessions take turns and the median is the median of their
+    medians: on a shared VM one session of a small model can sit 10-20 % off another (buffer
+    placement), which one long session cannot average out.
     """
-    from edgeslim.objectives._runner import make_session
+    from edgeslim.objectives._runner import PROTOCOL, make_session, time_group
 
     x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
-    medians: list[float] = []
-    times: list[float] = []
+    opened = []
     for _ in range(max(sessions, 1)):
         try:  # the same session settings as calibration, so measured and predicted agree on protocol
-            sess = make_session(str(path), threads)
+            opened.append(make_session(str(path), threads))
         except Exception as e:
             raise ObjectiveError(f"ONNX Runtime cannot load {path}: {e}") from e
-        feed = {sess.get_inputs()[0].name: x}
-        for _ in range(warmup):
-            sess.run(None, feed)
-        these: list[float] = []
-        start = time.perf_counter()
-        while len(these) < max_runs and (len(these) < min_runs or time.perf_counter() - start < budget_s):
-            t0 = time.perf_counter_ns()
-            sess.run(None, feed)
-            these.append((time.perf_counter_ns() - t0) / 1e6)
-        medians.append(float(np.median(these)))
-        times += these
-    arr = np.asarray(times)
-    return LatencyStats(float(np.median(medians)), float(np.percentile(arr, 95)), float(arr.mean()),
-                        len(times), threads)
+    feeds = [{s.get_inputs()[0].name: x} for s in opened]
+    # the sessions take turns in short windows (calibration's protocol): each is sampled across
+    # the same stretch of the machine's speed states; every run counts towards p95 and mean
+    got = time_group(opened, feeds, {"warmup": warmup, "min_runs": min_runs, "max_runs": max_runs,
+                                     "budget_s": budget_s, "spike_factor": math.inf,
+                                     "rounds": PROTOCOL["rounds"]}, keep_times=True)
+    arr = np.concatenate([np.asarray(g["times_ms"]) for g in got])
+    return LatencyStats(float(np.median([g["p50_ms"] for g in got])), float(np.percentile(arr, 95)), float(arr.mean()),
+                        len(arr), threads)
 
 
 def build_artifact(model: nn.Module, example_input: torch.Tensor, bits_by_layer: Mapping[str, int],

@@ -53,6 +53,29 @@ def test_unknown_op_names_the_layer():
         extract_kernels(Odd(), torch.randn(1, 4))
 
 
+def test_time_group_interleaves_windows_and_keeps_run_bounds():
+    """Sessions take turns in ``rounds`` windows; each window opens with one warm-up run (the
+    first with the whole warm-up); min_runs and max_runs bound each session's timed runs."""
+    log: list[str] = []
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, _out: Any, _feed: Any) -> None:
+            log.append(self.name)
+
+    proto = {"warmup": 4, "min_runs": 6, "max_runs": 6, "budget_s": 0.0, "spike_factor": 10.0, "rounds": 3}
+    out = _runner.time_group([Fake("a"), Fake("b")], [{}, {}], proto, keep_times=True)
+    windows = [name for i, name in enumerate(log) if i == 0 or log[i - 1] != name]
+    assert windows == ["a", "b"] * 3
+    assert log.count("a") == log.count("b") == 4 + 2 * 1 + 6  # warm-up, one per later window, timed runs
+    assert [r["runs"] for r in out] == [6, 6] and all(len(r["times_ms"]) == 6 for r in out)
+    assert "times_ms" not in _runner.time_group([Fake("c")], [{}], proto)[0]
+    capped = _runner.time_group([Fake("d")], [{}], {**proto, "min_runs": 20, "max_runs": 4})[0]
+    assert capped["runs"] == 4  # max_runs holds over all windows, not per window
+
+
 @pytest.mark.parametrize("ktype", _calibrate.KERNEL_TYPES)
 def test_micro_models_are_valid_and_run(ktype, tmp_path):
     k = _calibrate.random_kernel(ktype, np.random.default_rng(0))
@@ -141,6 +164,34 @@ def test_chain_models_run_and_match_their_kernels():
     assert adds[-1].input[1] == "x"  # an inverted residual adds the chain's input
     assert _calibrate.chain_edges(*inverted) == [(0, 1, True), (1, 2, True), (2, 3, False)]
 
+
+
+def test_two_block_residual_chain_has_the_edges_of_the_torch_network():
+    """A chain that runs a residual block into a second one and a head has the boundaries
+    (add->conv, add->add, add->gpool) that :func:`extract_graph` reads off the same network."""
+    from torch import nn
+
+    from edgeslim.objectives._kernels import extract_graph
+
+    class TwoBlocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = torch.relu(self.c[0](x))
+            a = torch.relu(self.c[1](a) + a)
+            b = torch.relu(self.c[3](torch.relu(self.c[2](a))) + a)
+            return torch.relu(self.head(b.mean((2, 3))))
+
+    rng = np.random.default_rng(0)
+    ks, acts = next(c for c in (_calibrate.random_chain(rng) for _ in range(400))
+                    if [k.op for k in c[0]] == ["conv", "conv", "add", "conv", "conv", "add", "gpool", "gemm"])
+    _, torch_edges = extract_graph(TwoBlocks().eval(), torch.randn(1, 8, 8, 8))
+    assert sorted(_calibrate.chain_edges(ks, acts)) == sorted(torch_edges)
+    adds = [n for n in _calibrate.chain_model(ks, acts).graph.node if n.op_type == "Add"]
+    assert [n.input[1] for n in adds] == ["k0_out", "k2_out"]  # the second block's shortcut is the first add
 
 def _gemm_chains(model: LatencyModel, seed: int, kernel_bias: float) -> list[tuple[Any, ...]]:
     """Chains whose lone kernels really take ``kernel_bias`` x the model's prediction, and run
@@ -342,8 +393,17 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     io = [e for e in entries if e.get("kernel", {}).get("op") == "io"]
     assert len(io) == len(runs) * len(_calibrate.IO_SIZES)
     assert len(entries) == len(io) + 3 * len(_calibrate.KERNEL_TYPES) + 25 + parts + refs
-    for e in chains:  # each chain's kernels are in the kit alone too, measured right after it
+    for e in chains:  # each chain's kernels are in the kit alone too, timed together with it
         assert [entries[i]["kernel"] for i in e["parts"]] == e["chain"]["kernels"]
+        assert {entries[i]["group"] for i in e["parts"]} == {e["group"]}
+        assert sum(x["group"] == e["group"] for x in entries) == 1 + len(e["parts"])
+    # groups are runs of consecutive entries: a timing (reference + Identity models) is one, lone
+    # design kernels come GROUP at a time
+    starts = [i for i, e in enumerate(entries) if i == 0 or e["group"] != entries[i - 1]["group"]]
+    assert len(starts) == len({e["group"] for e in entries})
+    assert all(entries[i]["group"] == entries[0]["group"] for i in range(len(timing)))
+    design = [e for e in entries if e["file"].startswith("models/k")]
+    assert max(sum(x["group"] == g for x in design) for g in {e["group"] for e in design}) == _calibrate.GROUP
     monkeypatch.setitem(_runner.PROTOCOL, "budget_s", 0.0)
     monkeypatch.setitem(_runner.PROTOCOL, "min_runs", 3)
     monkeypatch.setitem(_runner.PROTOCOL, "warmup", 1)
