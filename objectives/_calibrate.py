@@ -25,7 +25,7 @@ from edgeslim.objectives._latency_model import LatencyModel
 from edgeslim.spaces import NBITS_BLOCK
 
 __all__ = ["CalibrationResult", "CHAINS", "MODES", "KERNEL_TYPES", "calibrate", "chain_model", "fit_measurements",
-           "micro_model", "random_chain", "write_kit", "design"]
+           "micro_model", "random_chain", "refit", "write_kit", "design"]
 
 OPSET = 21  # int4 DequantizeLinear is standard from opset 21
 IR_VERSION = 10
@@ -845,6 +845,31 @@ def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
     model = _fit(kernels, meas, device, select=True)
     _fit_chains(model, chains)
     return CalibrationResult(kernels, meas, model, [], chains, track)
+
+
+def refit(data: Mapping[str, Any], device: str) -> CalibrationResult:
+    """Fit a profile's model anew, with this version's model code, from the measurements and
+    chains the profile stores (``edgeslim calibrate --refit``: a newer edgeslim upgrades a
+    profile without the device). Each kernel type's form is chosen by cross-validation for
+    full-mode and kit profiles, as their first fit chose it.
+
+    Example:
+        >>> refit(json.loads(Path("studies/devices/pi5.json").read_text()), "pi5")  # doctest: +SKIP
+    """
+    entries = data.get("measurements")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("the profile stores no measurements to fit; calibrate the device again")
+    keys = ("p50_ms", "p95_ms", "io_bytes")
+    for i, e in enumerate(entries):
+        missing = [k for k in ("kernel", *keys) if k not in e]
+        if missing:
+            raise ValueError(f"measurements[{i}] lacks {missing}; calibrate the device again")
+    kernels = [Kernel(**e["kernel"]) for e in entries]
+    meas = [{k: v for k, v in e.items() if k not in ("kernel", "type")} for e in entries]
+    model = _fit(kernels, meas, device, select=data.get("mode") in ("full", "kit"))
+    chains = list(data.get("chains") or [])
+    _fit_chains(model, chains)
+    return CalibrationResult(kernels, meas, model, list(data.get("rounds") or []), chains)
 
 
 def fit_energy(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], source: str) -> Any:

@@ -37,11 +37,10 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> Pa
     """
     plain = dequantized_copy(model).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    sink = io.StringIO()
     try:
-        # the exporter prints progress lines on stdout even with verbose=False
-        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        # the exporter prints progress lines on stdout even with verbose=False, and its onnx_ir
+        # passes log at INFO through the root logger once ONNX Runtime's tooling configured it
+        with _quiet():
             torch.onnx.export(plain, (example_input,), str(path), dynamo=True,
                               external_data=False, verbose=False,
                               input_names=["input"], output_names=["output"])
@@ -308,27 +307,32 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
 
     Fixed intra-op threads, sequential execution, all graph optimizations, random (non-zero)
     input, ``warmup`` discarded runs, then runs until ``budget_s`` is spent (bounded by
-    ``min_runs``/``max_runs``), in the calibration's interleaved windows
+    ``min_runs``/``max_runs``), in the calibration's windows
     (:func:`edgeslim.objectives._runner.time_group`). Each run is timed on its own. With
-    ``sessions`` > 1 that many fresh sessions take turns and the median is the median of their
-    medians: on a shared VM one session of a small model can sit 10-20 % off another (buffer
-    placement), which one long session cannot average out.
+    ``sessions`` > 1 that many fresh sessions are timed (taking turns with 1 thread, one after
+    another with more) and the median is the median of their medians: on a shared VM one
+    session of a small model can sit 10-20 % off another (buffer placement), which one long
+    session cannot average out.
     """
     from edgeslim.objectives._runner import PROTOCOL, make_session, time_group
 
     x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
-    opened = []
-    for _ in range(max(sessions, 1)):
+    protocol = {"warmup": warmup, "min_runs": min_runs, "max_runs": max_runs, "budget_s": budget_s,
+                "spike_factor": math.inf, "rounds": PROTOCOL["rounds"]}
+
+    def open_session() -> Any:
         try:  # the same session settings as calibration, so measured and predicted agree on protocol
-            opened.append(make_session(str(path), threads))
+            return make_session(str(path), threads)
         except Exception as e:
             raise ObjectiveError(f"ONNX Runtime cannot load {path}: {e}") from e
-    feeds = [{s.get_inputs()[0].name: x} for s in opened]
-    # the sessions take turns in short windows (calibration's protocol): each is sampled across
-    # the same stretch of the machine's speed states; every run counts towards p95 and mean
-    got = time_group(opened, feeds, {"warmup": warmup, "min_runs": min_runs, "max_runs": max_runs,
-                                     "budget_s": budget_s, "spike_factor": math.inf,
-                                     "rounds": PROTOCOL["rounds"]}, keep_times=True)
+
+    def timed(opened: list[Any]) -> list[dict[str, Any]]:
+        return time_group(opened, [{s.get_inputs()[0].name: x} for s in opened], protocol, keep_times=True)
+
+    if threads > 1:  # one session alive at a time: their thread pools slow each other (see measure_files)
+        got = [g for _ in range(max(sessions, 1)) for g in timed([open_session()])]
+    else:  # the sessions take turns in short windows, sampled across the same speed states
+        got = timed([open_session() for _ in range(max(sessions, 1))])
     arr = np.concatenate([np.asarray(g["times_ms"]) for g in got])
     return LatencyStats(float(np.median([g["p50_ms"] for g in got])), float(np.percentile(arr, 95)), float(arr.mean()),
                         len(arr), threads)

@@ -45,6 +45,8 @@ def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge]) -> np.ndarr
     """
     row = [0.0] * (2 * len(BOUNDARY_CLASSES))  # a list: scalar updates of a numpy array cost more
     domains = [kernel_domain(k) for k in kernels]
+    if any(k.op == "pool" for k in kernels):
+        _quantized_pools(kernels, edges, domains)
     index = _CLASS_INDEX
     for a, b, act in edges:
         c, per_mb = index[domains[a], domains[b], act]
@@ -53,6 +55,21 @@ def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge]) -> np.ndarr
             k = kernels[a]
             row[2 * c + 1] += k.cout * k.ho * k.wo * 4e-6
     return np.array(row)
+
+
+def _quantized_pools(kernels: Sequence[Kernel], edges: Sequence[Edge], domains: list[str]) -> None:
+    """Put on the ``q`` side the max pools that export leaves quantized: those with int8 convs on
+    both sides, which ONNX Runtime runs as its NHWC uint8 pool between the two QLinearConvs (see
+    ``keep_pools_float``); every other pool runs float."""
+    def int8_conv(i: int) -> bool:
+        return kernels[i].op == "conv" and kernels[i].bits == 8
+
+    for i, k in enumerate(kernels):
+        if k.op == "pool":
+            ins = [a for a, b, _ in edges if b == i]
+            outs = [b for a, b, _ in edges if a == i]
+            if len(ins) == len(outs) == 1 and int8_conv(ins[0]) and int8_conv(outs[0]):
+                domains[i] = "q"
 
 
 _CLASS_INDEX = {  # (producer domain, consumer domain, act) -> (class index, per-MB term)

@@ -158,7 +158,15 @@ def measure_file(path: str, threads: int, seed: int, protocol: dict[str, float] 
 def measure_files(paths: Sequence[str], threads: int, seeds: Sequence[int], protocol: dict[str, float] | None = None,
                   energy_reader: Any = None) -> list[dict[str, Any]]:
     """Time ONNX files together (:func:`time_group`), random inputs from ``seeds``; each result
-    also has its file's input+output bytes."""
+    also has its file's input+output bytes.
+
+    With more than one thread each file is timed alone, its session closed before the next
+    opens: every session owns an intra-op thread pool, and idle pools of live sessions slow the
+    running one down (on the 2-core development VM a 64x28x28 conv ran 1,600 us with seven
+    other 2-thread sessions open against 800 us alone; with 1 thread there are no pools)."""
+    if threads > 1 and len(paths) > 1:
+        return [m for path, seed in zip(paths, seeds)
+                for m in measure_files([path], threads, [seed], protocol, energy_reader)]
     sessions = [make_session(path, threads) for path in paths]
     feeds = [random_feed(s, seed) for s, seed in zip(sessions, seeds)]
     out = time_group(sessions, feeds, protocol, energy_reader)

@@ -104,11 +104,50 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate a device's latency model: here (--device), as a kit for a remote device (--kit),
-    or from a kit's measurements (--fit)."""
+    or from a kit's measurements (--fit); --refit fits a stored profile's measurements again."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="edgeslim-nets-") as net_dir:  # focus networks' ONNX files
         return _calibrate_with(args, Path(net_dir))
+
+
+def _refit(args: argparse.Namespace) -> int:
+    """``calibrate --refit``: the profile's model fitted again from its stored measurements."""
+    import datetime as dt
+    import json
+
+    from edgeslim.objectives import _calibrate
+    from edgeslim.objectives._device import DeviceProfile, ProfileError, known_devices
+
+    others = [f for f in ("kit", "fit", "for_", "power_cmd", "threads", "full") if getattr(args, f)]
+    if others:
+        raise ProfileError(f"--refit re-fits a stored profile and measures nothing; drop "
+                           f"{', '.join('--' + o.rstrip('_').replace('_', '-') for o in others)}")
+    if not args.device:
+        raise ProfileError("--refit needs --device NAME, the stored profile to re-fit")
+    devices = Path(args.devices_dir)
+    target = devices / f"{args.device}.json"
+    if not target.is_file():
+        raise ProfileError(f"unknown device {args.device!r}; known devices: {known_devices(devices)}")
+    try:
+        data = json.loads(target.read_text())
+    except json.JSONDecodeError as e:
+        raise ProfileError(f"device profile {str(target)!r} is not valid JSON ({e}); calibrate it again") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"device profile {str(target)!r} is not a profile document; calibrate it again")
+    try:
+        result = _calibrate.refit(data, args.device)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ProfileError(f"device profile {str(target)!r}: {e}") from None
+    at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    # the rest of the document (facts, energy, measurements, id) is validated as any profile is
+    profile = DeviceProfile.from_dict({**data, "model": result.model.to_dict(),
+                                       "refit": {"at": at, "from_model_of": data.get("created")}},
+                                      where=f"device profile {str(target)!r}")
+    path = profile.save(target, replace=True)
+    print(f"re-fitted {path} from its {len(result.kernels)} stored measurements and "
+          f"{len(result.chains)} chains/networks with this version's model; the previous file is kept as .bak")
+    return 0
 
 
 def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
@@ -119,6 +158,8 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
     from edgeslim.objectives._device import DeviceProfile, EnergyConstants, ProfileError, profile_id
     from edgeslim.search._progress import Progress
 
+    if args.refit:
+        return _refit(args)
     cores = os.cpu_count() or 1
     threads = args.threads or 1
     if threads > cores:
@@ -438,6 +479,9 @@ def _build_parser() -> argparse.ArgumentParser:
             mode.add_argument("--full", action="store_true", help="<= 20 min; more points, 3 adaptive rounds")
             p.add_argument("--kit", help="write a calibration kit for a remote device into this folder")
             p.add_argument("--fit", help="build the profile from a kit's measurements.json")
+            p.add_argument("--refit", action="store_true",
+                           help="fit --device's stored profile again from its own measurements with this "
+                                "version's model (no measuring; the old file is kept as .bak)")
             p.add_argument("--for", dest="for_", metavar="MODELS",
                            help="also measure the kernels these models' candidates run: built-in workload names "
                                 "(digits-cnn, digits-resnet, resnet18@224, mobilenet_v2@224) or study spec .toml "

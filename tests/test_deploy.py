@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import tempfile
 import warnings
@@ -96,6 +97,27 @@ def trained_digits():
     model = DigitsCNN()
     train_base(model, data, 8, 0)
     return model.eval(), data
+
+
+def test_export_keeps_the_exporter_passes_quiet(tmp_path):
+    """The exporter's onnx_ir passes log each pass at INFO through the root logger; once ONNX
+    Runtime's quantization tooling has set that to INFO, `calibrate --for` printed hundreds of
+    such lines between its progress bars."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)  # what ONNX Runtime's quantization tooling leaves behind
+    try:
+        export_onnx(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.zeros(1, 4), tmp_path / "m.onnx")
+        logging.getLogger("onnx_ir.check").info("seen")  # the handler does see INFO outside export
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert (tmp_path / "m.onnx").is_file()
+    assert [r.getMessage() for r in records if r.levelno < logging.WARNING] == ["seen"]
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])

@@ -76,6 +76,35 @@ def test_time_group_interleaves_windows_and_keeps_run_bounds():
     assert capped["runs"] == 4  # max_runs holds over all windows, not per window
 
 
+@pytest.mark.parametrize("threads, most_open", [(1, 3), (2, 1)])
+def test_measure_files_keeps_multi_thread_sessions_apart(monkeypatch, threads, most_open):
+    """One thread: the files' sessions are open together and take turns. More: each session owns
+    a thread pool that slows the others, so only one is ever open."""
+    alive, peak = [0], [0]
+
+    class Fake:
+        def __init__(self) -> None:
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+
+        def __del__(self) -> None:
+            alive[0] -= 1
+
+        def run(self, _out: Any, _feed: Any) -> None:
+            pass
+
+        def get_inputs(self) -> list[Any]:
+            return []
+
+        def get_outputs(self) -> list[Any]:
+            return []
+
+    monkeypatch.setattr(_runner, "make_session", lambda path, n: Fake())
+    proto = {"warmup": 1, "min_runs": 3, "max_runs": 3, "budget_s": 0.0}
+    out = _runner.measure_files(["a", "b", "c"], threads, [0, 1, 2], proto)
+    assert len(out) == 3 and all(m["runs"] == 3 for m in out) and peak[0] == most_open
+
+
 @pytest.mark.parametrize("ktype", _calibrate.KERNEL_TYPES)
 def test_micro_models_are_valid_and_run(ktype, tmp_path):
     k = _calibrate.random_kernel(ktype, np.random.default_rng(0))
@@ -206,6 +235,27 @@ def _gemm_chains(model: LatencyModel, seed: int, kernel_bias: float) -> list[tup
         lone_ms = kernel_bias * sum(p for p, _ in model.predict_kernels(ks))
         chains.append((ks, edges, model.overhead_ms(0) + lone_ms - 0.002 * (n - 1), 0.0, lone_ms))
     return chains
+
+
+def test_pool_between_int8_convs_stands_on_the_quantized_side():
+    """Export leaves a max pool quantized only between two int8 convs (ONNX Runtime's NHWC uint8
+    pool): its boundaries are then q>q; next to a float or 4-bit conv, or at a fork, it is float."""
+    from edgeslim.objectives._latency_model import boundary_terms
+
+    def classes(first_bits: int, last_bits: int, fork: bool = False) -> set[str]:
+        ks = [Kernel("conv", first_bits, 16, 16, 3, h=8, w=8, ho=8, wo=8),
+              Kernel("pool", 32, 16, 16, 2, 2, h=8, w=8, ho=4, wo=4),
+              Kernel("conv", last_bits, 16, 16, 3, h=4, w=4, ho=4, wo=4)]
+        edges = [(0, 1, True), (1, 2, False)]
+        if fork:
+            ks.append(Kernel("conv", 8, 16, 16, 1, h=4, w=4, ho=4, wo=4))
+            edges.append((1, 3, False))
+        row = boundary_terms(ks, edges)
+        return {c for i, c in enumerate(BOUNDARY_CLASSES) if row[2 * i]}
+
+    assert classes(8, 8) == {"q>q+act", "q>q"}
+    assert classes(8, 32) == {"q>c", "c>c"} and classes(4, 8) == {"q>c", "c>q"}
+    assert classes(8, 8, fork=True) == {"q>c", "c>q"}
 
 
 def test_boundary_terms_recover_a_known_saving():
@@ -424,6 +474,19 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     # the overhead curve: one point per Identity size, the median of its timings over the run
     assert [b for b, _ in profile.latency_model.overhead_] == sorted({m["io_bytes"] for m in saved["measurements"]
                                                                      if m["kernel"]["op"] == "io"})
+    # --refit fits the stored measurements again: the same data and fit give the same model, the
+    # previous file is kept, and a refit that would measure anything is refused
+    ks = [Kernel(**m["kernel"]) for m in saved["measurements"] if m["kernel"]["op"] != "io"][:40]
+    before = [profile.latency_model.predict([k], 1000)[0] for k in ks]
+    assert main(["calibrate", "--refit", "--device", "remote", "--devices-dir", str(devices)]) == 0
+    again = load_device("remote", devices_dir=devices)
+    assert [again.latency_model.predict([k], 1000)[0] for k in ks] == pytest.approx(before, rel=1e-9)
+    assert len(list(devices.glob("remote.*.bak.json"))) == 1
+    assert json.loads((devices / "remote.json").read_text())["measurements"] == saved["measurements"]
+    assert main(["calibrate", "--refit", "--device", "remote", "--for", "digits-cnn",
+                 "--devices-dir", str(devices)]) == 2
+    assert main(["calibrate", "--refit", "--device", "nope", "--devices-dir", str(devices)]) == 2
+    assert "unknown device 'nope'" in capsys.readouterr().err
     data = json.loads(out.read_text())
     data["kit_version"] = 99
     out.write_text(json.dumps(data))
