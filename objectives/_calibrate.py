@@ -227,7 +227,7 @@ def _residual_index(kernels: Sequence[Kernel], i: int) -> int:
 
 
 def random_chain(rng: np.random.Generator) -> tuple[list[Kernel], list[bool]]:
-    """2-4 connected convolutions (or Linears) at one spatial size, each at a random bit-width,
+    """2-8 connected convolutions (or Linears) at one spatial size, each at a random bit-width,
     with channel counts drawn like :func:`random_kernel` draws them; some start with a first
     layer (1-3 input channels) or put a max pool between two convs, some are residual blocks
     (conv, conv, add; some go on into a second block, whose add takes the first add's output,

@@ -76,13 +76,6 @@ def random_feed(session: Any, seed: int) -> dict[str, np.ndarray]:
             for i in session.get_inputs()}
 
 
-def time_session(session: Any, feed: dict[str, np.ndarray], protocol: dict[str, float] | None = None,
-                 energy_reader: Any = None) -> dict[str, Any]:
-    """Warm up, then time single runs until the budget is spent; median, p95, spikes dropped
-    (one session's :func:`time_group`)."""
-    return time_group([session], [feed], protocol, energy_reader)[0]
-
-
 def time_group(sessions: Sequence[Any], feeds: Sequence[dict[str, np.ndarray]],
                protocol: dict[str, float] | None = None, energy_reader: Any = None,
                keep_times: bool = False) -> list[dict[str, Any]]:
@@ -108,6 +101,7 @@ def time_group(sessions: Sequence[Any], feeds: Sequence[dict[str, np.ndarray]],
     window = float(p["budget_s"]) / rounds
     times: list[list[float]] = [[] for _ in sessions]
     energy = [0.0] * len(sessions)
+    metered = [energy_reader is not None] * len(sessions)  # a reading in every window
     wall = [0.0] * len(sessions)
     for r in range(rounds):
         for i, (session, feed) in enumerate(zip(sessions, feeds)):
@@ -128,6 +122,8 @@ def time_group(sessions: Sequence[Any], feeds: Sequence[dict[str, np.ndarray]],
             e1 = energy_reader() if energy_reader else None
             if e0 is not None and e1 is not None:
                 energy[i] += e1 - e0
+            else:
+                metered[i] = False
     out = []
     for i, these in enumerate(times):
         arr = np.asarray(these)
@@ -137,7 +133,7 @@ def time_group(sessions: Sequence[Any], feeds: Sequence[dict[str, np.ndarray]],
                                "rejected": int(len(arr) - len(kept))}
         if keep_times:
             res["times_ms"] = these
-        if energy_reader:
+        if metered[i]:
             res["energy_mj"] = energy[i] / len(arr) * 1e3  # joules -> mJ per inference
             res["wall_s"] = wall[i]
         out.append(res)

@@ -74,6 +74,13 @@ def test_time_group_interleaves_windows_and_keeps_run_bounds():
     assert "times_ms" not in _runner.time_group([Fake("c")], [{}], proto)[0]
     capped = _runner.time_group([Fake("d")], [{}], {**proto, "min_runs": 20, "max_runs": 4})[0]
     assert capped["runs"] == 4  # max_runs holds over all windows, not per window
+    # a meter read around each window (1 mJ per run here): energy per inference counts timed
+    # runs only, and one window without a reading leaves the result without energy
+    log.clear()
+    metered = _runner.time_group([Fake("e"), Fake("f")], [{}, {}], proto, energy_reader=lambda: 1e-3 * len(log))
+    assert [m["energy_mj"] for m in metered] == pytest.approx([1.0, 1.0])
+    readings = iter([0.0, None] + [0.0] * 40)
+    assert "energy_mj" not in _runner.time_group([Fake("g")], [{}], proto, energy_reader=lambda: next(readings))[0]
 
 
 @pytest.mark.parametrize("threads, most_open", [(1, 3), (2, 1)])
