@@ -479,7 +479,7 @@ class SpeedTrack:
     def __init__(self) -> None:
         self.points: list[tuple[int, list[float]]] = []
         self.seq = 0  # position of the next measurement (used while measuring)
-        self.timed_at = 0  # ``seq`` at the last timing
+        self.timed_at: int | None = None  # ``seq`` at the last timing (None: not timed yet)
         # Identity models timed with each timing: the per-inference overhead, which every kernel's
         # time is taken net of, is then the calibration's typical value, not one early sample
         self.io: list[tuple[Kernel, dict[str, Any]]] = []
@@ -562,7 +562,7 @@ def _measure_models(builders: Sequence[Callable[[int], onnx.ModelProto]], thread
         for i in range(at, at + size):
             paths.append(workdir / f"m{offset + i}.onnx")
             onnx.save(builders[i](offset + i), str(paths[-1]))
-        if track is not None and (track.seq == 0 or track.seq // TRACK_EVERY > track.timed_at // TRACK_EVERY):
+        if track is not None and (track.timed_at is None or track.seq // TRACK_EVERY > track.timed_at // TRACK_EVERY):
             time_track(track, threads, workdir)
         group = _runner.measure_files([str(q) for q in paths], threads, list(range(offset + at, offset + at + size)),
                                       energy_reader=energy_reader)
@@ -579,11 +579,12 @@ def _measure_models(builders: Sequence[Callable[[int], onnx.ModelProto]], thread
 
 def time_track(track: SpeedTrack, threads: int, workdir: Path) -> None:
     """One timing for ``track``: the reference kernels and the Identity (overhead) models, together."""
-    ks = list(REFERENCE_KERNELS) + io_kernels()
+    io = io_kernels()
+    ks = list(REFERENCE_KERNELS) + io
     got = _measure_models([functools.partial(micro_model, k) for k in ks], threads, workdir, 20_000_000,
                           lambda: None, sizes=[len(ks)])
     track.add(track.seq, [float(m["p50_ms"]) for m in got[:len(REFERENCE_KERNELS)]])
-    track.io += zip(io_kernels(), got[len(REFERENCE_KERNELS):])
+    track.io += zip(io, got[len(REFERENCE_KERNELS):])
     track.timed_at = track.seq
 
 
@@ -785,34 +786,30 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
         onnx.save(micro_model(k, seed=i), str(kit_dir / name))
         entries.append({"file": name, "kernel": dataclasses.asdict(k), "group": g})
         since += 1
+    def add_with_parts(stem: str, what: dict[str, Any], ks: Sequence[Kernel], write: Callable[[Path], None]) -> None:
+        # a chain or a whole network, then each of its kernels alone: one group, timed together
+        nonlocal since
+        time_reference()  # never between a model and its parts
+        g = new_group()
+        name = f"models/{stem}.onnx"
+        write(kit_dir / name)
+        entries.append({"file": name, **what, "parts": list(range(len(entries) + 1, len(entries) + 1 + len(ks))),
+                        "group": g})
+        for i, k in enumerate(ks):
+            part = f"models/{stem}_{i}.onnx"
+            onnx.save(micro_model(k, seed=len(entries)), str(kit_dir / part))
+            entries.append({"file": part, "kernel": dataclasses.asdict(k), "group": g})
+        since += 1 + len(ks)
+
     rng = np.random.default_rng(seed + 2)
     for j in range(CHAINS[mode]):
-        time_reference()  # never between a chain and its parts
         ks, acts = random_chain(rng)
-        g = new_group()  # a chain is timed with its kernels alone
-        name = f"models/c{j:05d}.onnx"
-        onnx.save(chain_model(ks, acts, seed=len(entries)), str(kit_dir / name))
-        parts = list(range(len(entries) + 1, len(entries) + 1 + len(ks)))
-        entries.append({"file": name, "chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": acts},
-                        "parts": parts, "group": g})
-        for i, k in enumerate(ks):
-            part = f"models/c{j:05d}_{i}.onnx"
-            onnx.save(micro_model(k, seed=len(entries)), str(kit_dir / part))
-            entries.append({"file": part, "kernel": dataclasses.asdict(k), "group": g})
-        since += 1 + len(ks)
-    for j, net in enumerate(networks):  # whole focus candidates, as they would ship, with their kernels alone
-        time_reference()
-        g = new_group()
-        name = f"models/n{j:03d}.onnx"
-        shutil.copyfile(net["path"], kit_dir / name)
-        ks = [dataclasses.replace(k, layer="") for k in net["kernels"]]
-        entries.append({"file": name, "network": network_record(net),
-                        "parts": list(range(len(entries) + 1, len(entries) + 1 + len(ks))), "group": g})
-        for i, k in enumerate(ks):
-            part = f"models/n{j:03d}_{i}.onnx"
-            onnx.save(micro_model(k, seed=len(entries)), str(kit_dir / part))
-            entries.append({"file": part, "kernel": dataclasses.asdict(k), "group": g})
-        since += 1 + len(ks)
+        add_with_parts(f"c{j:05d}", {"chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": acts}}, ks,
+                       lambda p, ks=ks, acts=acts: onnx.save(chain_model(ks, acts, seed=len(entries)), str(p)))
+    for j, net in enumerate(networks):  # whole focus candidates, as they would ship
+        add_with_parts(f"n{j:03d}", {"network": network_record(net)},
+                       [dataclasses.replace(k, layer="") for k in net["kernels"]],
+                       lambda p, net=net: shutil.copyfile(net["path"], p))
     time_reference(force=True)
     kit_id = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12]
     manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, "mode": mode, "threads": threads,

@@ -193,14 +193,19 @@ class DeviceProfile:
         return cls(name=name, threads=threads, energy=energy, latency_model=model, facts=facts,
                    profile_id=str(d.get("id", "")), extra=extra)
 
+    @staticmethod
+    def read_document(path: Path) -> Any:
+        """A profile file's parsed JSON, unvalidated (``--refit`` reads one whose model this
+        version may not load)."""
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"device profile {str(path)!r} is not valid JSON ({e}); re-run `edgeslim calibrate`") from None
+
     @classmethod
     def load(cls, path: Path) -> DeviceProfile:
         """Read a profile file; warns when it was made with another onnxruntime version."""
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ProfileError(f"device profile {str(path)!r} is not valid JSON ({e}); re-run `edgeslim calibrate`") from None
-        profile = cls.from_dict(data, where=f"device profile {str(path)!r}")
+        profile = cls.from_dict(cls.read_document(path), where=f"device profile {str(path)!r}")
         import onnxruntime
 
         theirs = profile.facts.get("onnxruntime")

@@ -310,29 +310,25 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
     ``min_runs``/``max_runs``), in the calibration's windows
     (:func:`edgeslim.objectives._runner.time_group`). Each run is timed on its own. With
     ``sessions`` > 1 that many fresh sessions are timed (taking turns with 1 thread, one after
-    another with more) and the median is the median of their medians: on a shared VM one
-    session of a small model can sit 10-20 % off another (buffer placement), which one long
-    session cannot average out.
+    another with more: :func:`edgeslim.objectives._runner.measure_files`) and the median is the
+    median of their medians: on a shared VM one session of a small model can sit 10-20 % off
+    another (buffer placement), which one long session cannot average out.
     """
-    from edgeslim.objectives._runner import PROTOCOL, make_session, time_group
+    from edgeslim.objectives._runner import PROTOCOL, make_session, measure_files
 
     x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
     protocol = {"warmup": warmup, "min_runs": min_runs, "max_runs": max_runs, "budget_s": budget_s,
                 "spike_factor": math.inf, "rounds": PROTOCOL["rounds"]}
 
-    def open_session() -> Any:
+    def open_session(file: str, n_threads: int) -> Any:
         try:  # the same session settings as calibration, so measured and predicted agree on protocol
-            return make_session(str(path), threads)
+            return make_session(file, n_threads)
         except Exception as e:
             raise ObjectiveError(f"ONNX Runtime cannot load {path}: {e}") from e
 
-    def timed(opened: list[Any]) -> list[dict[str, Any]]:
-        return time_group(opened, [{s.get_inputs()[0].name: x} for s in opened], protocol, keep_times=True)
-
-    if threads > 1:  # one session alive at a time: their thread pools slow each other (see measure_files)
-        got = [g for _ in range(max(sessions, 1)) for g in timed([open_session()])]
-    else:  # the sessions take turns in short windows, sampled across the same speed states
-        got = timed([open_session() for _ in range(max(sessions, 1))])
+    n = max(sessions, 1)
+    got = measure_files([str(path)] * n, threads, list(range(n)), protocol, keep_times=True,
+                        open_session=open_session, feed=lambda s, _: {s.get_inputs()[0].name: x})
     arr = np.concatenate([np.asarray(g["times_ms"]) for g in got])
     return LatencyStats(float(np.median([g["p50_ms"] for g in got])), float(np.percentile(arr, 95)), float(arr.mean()),
                         len(arr), threads)

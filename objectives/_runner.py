@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,20 +152,25 @@ def measure_file(path: str, threads: int, seed: int, protocol: dict[str, float] 
 
 
 def measure_files(paths: Sequence[str], threads: int, seeds: Sequence[int], protocol: dict[str, float] | None = None,
-                  energy_reader: Any = None) -> list[dict[str, Any]]:
-    """Time ONNX files together (:func:`time_group`), random inputs from ``seeds``; each result
-    also has its file's input+output bytes.
+                  energy_reader: Any = None, keep_times: bool = False,
+                  open_session: Callable[[str, int], Any] | None = None,
+                  feed: Callable[[Any, int], dict[str, np.ndarray]] | None = None) -> list[dict[str, Any]]:
+    """Time ONNX files together (:func:`time_group`); each result also has its file's
+    input+output bytes. Sessions come from ``open_session(path, threads)`` (default
+    :func:`make_session`), inputs from ``feed(session, seed)`` (default :func:`random_feed`).
 
     With more than one thread each file is timed alone, its session closed before the next
     opens: every session owns an intra-op thread pool, and idle pools of live sessions slow the
     running one down (on the 2-core development VM a 64x28x28 conv ran 1,600 us with seven
     other 2-thread sessions open against 800 us alone; with 1 thread there are no pools)."""
+    opener = open_session or make_session
+    feed_of = feed or random_feed
     if threads > 1 and len(paths) > 1:
         return [m for path, seed in zip(paths, seeds)
-                for m in measure_files([path], threads, [seed], protocol, energy_reader)]
-    sessions = [make_session(path, threads) for path in paths]
-    feeds = [random_feed(s, seed) for s, seed in zip(sessions, seeds)]
-    out = time_group(sessions, feeds, protocol, energy_reader)
+                for m in measure_files([path], threads, [seed], protocol, energy_reader, keep_times, opener, feed_of)]
+    sessions = [opener(path, threads) for path in paths]
+    feeds = [feed_of(s, seed) for s, seed in zip(sessions, seeds)]
+    out = time_group(sessions, feeds, protocol, energy_reader, keep_times)
     for res, s, f in zip(out, sessions, feeds):
         res["io_bytes"] = _io_bytes(s, f)
     return out

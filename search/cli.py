@@ -107,6 +107,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     or from a kit's measurements (--fit); --refit fits a stored profile's measurements again."""
     import tempfile
 
+    if args.refit:
+        return _refit(args)
     with tempfile.TemporaryDirectory(prefix="edgeslim-nets-") as net_dir:  # focus networks' ONNX files
         return _calibrate_with(args, Path(net_dir))
 
@@ -114,7 +116,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def _refit(args: argparse.Namespace) -> int:
     """``calibrate --refit``: the profile's model fitted again from its stored measurements."""
     import datetime as dt
-    import json
 
     from edgeslim.objectives import _calibrate
     from edgeslim.objectives._device import DeviceProfile, ProfileError, known_devices
@@ -129,10 +130,7 @@ def _refit(args: argparse.Namespace) -> int:
     target = devices / f"{args.device}.json"
     if not target.is_file():
         raise ProfileError(f"unknown device {args.device!r}; known devices: {known_devices(devices)}")
-    try:
-        data = json.loads(target.read_text())
-    except json.JSONDecodeError as e:
-        raise ProfileError(f"device profile {str(target)!r} is not valid JSON ({e}); calibrate it again") from None
+    data = DeviceProfile.read_document(target)
     if not isinstance(data, dict):
         raise ProfileError(f"device profile {str(target)!r} is not a profile document; calibrate it again")
     try:
@@ -158,8 +156,6 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
     from edgeslim.objectives._device import DeviceProfile, EnergyConstants, ProfileError, profile_id
     from edgeslim.search._progress import Progress
 
-    if args.refit:
-        return _refit(args)
     cores = os.cpu_count() or 1
     threads = args.threads or 1
     if threads > cores:
