@@ -26,6 +26,61 @@ KIT_VERSION = 1
 PROTOCOL = {"warmup": 10, "min_runs": 15, "max_runs": 400, "budget_s": 0.12, "spike_factor": 10.0, "rounds": 6}
 
 
+# a stretch of a run during which the device ran this much slower or faster than its median
+# state (a board throttling, a VM's neighbour busy) is measured again once the device is back
+EXCURSION = 0.15
+# how long to wait for the device to come back, and the pause between two looks
+WAIT = {"limit_s": 90.0, "pause_s": 15.0}
+
+
+def speed_factors(times: Sequence[Sequence[float]]) -> np.ndarray:
+    """Per timing of the reference kernels (rows of ``times``): the device's relative slowness,
+    1.0 = the run's median state. Geometric mean over the kernels of time / that kernel's
+    median, then the median of each timing and its two neighbours, so one noisy timing does
+    not move the measurements around it.
+
+    Example:
+        >>> speed_factors([[1.0, 2.0], [1.0, 2.0], [1.5, 3.0], [1.5, 3.0], [1.0, 2.0]]).round(2).tolist()
+        [1.0, 1.0, 1.5, 1.5, 1.0]
+    """
+    arr = np.asarray(times, dtype=float)
+    raw = np.exp(np.log(arr / np.median(arr, axis=0)).mean(axis=1))
+    padded = np.concatenate([raw[:1], raw, raw[-1:]])
+    return np.median(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
+
+
+def away(factor: float) -> bool:
+    """Whether a speed factor lies outside the usual state (by more than ``EXCURSION``)."""
+    return abs(float(np.log(factor))) > float(np.log1p(EXCURSION))
+
+
+def wait_until_usual(probe: Callable[[], Sequence[float]], usual: Sequence[float],
+                     limit_s: float | None = None, pause_s: float | None = None,
+                     sleep: Callable[[float], None] = time.sleep,
+                     say: Callable[[str], None] | None = None) -> tuple[bool, float, float]:
+    """Time the reference kernels (``probe``) until they run within ``EXCURSION`` of ``usual``,
+    pausing between looks (a board cools down, a neighbour's job ends), for at most ``limit_s``
+    of pauses. Returns (back, the last look's speed factor, seconds waited).
+
+    Example:
+        >>> looks = iter([[1.5], [1.3], [1.02]])
+        >>> wait_until_usual(lambda: next(looks), [1.0], sleep=lambda s: None)
+        (True, 1.02, 30.0)
+    """
+    limit = WAIT["limit_s"] if limit_s is None else limit_s
+    pause = WAIT["pause_s"] if pause_s is None else pause_s
+    waited = 0.0
+    while True:
+        now = probe()
+        factor = float(np.exp(np.mean(np.log(np.asarray(now) / np.asarray(usual)))))
+        if not away(factor) or waited + pause > limit:
+            return not away(factor), factor, waited
+        if say:
+            say(f"the device runs {factor - 1:+.0%} off its usual speed; waiting {pause:.0f} s for it to settle")
+        sleep(pause)
+        waited += pause
+
+
 def device_facts(threads: int) -> dict[str, Any]:
     """CPU model, cores, ISA flags relevant to int8 (VNNI / dot-product), OS, onnxruntime, threads."""
     import onnxruntime as ort
@@ -129,7 +184,8 @@ def time_group(sessions: Sequence[Any], feeds: Sequence[dict[str, np.ndarray]],
         arr = np.asarray(these)
         med = float(np.median(arr))
         kept = arr[arr <= p["spike_factor"] * med]
-        res: dict[str, Any] = {"p50_ms": med, "p95_ms": float(np.percentile(kept, 95)), "runs": int(len(arr)),
+        # never below the median: with few runs, dropping a spike can pull the kept runs' p95 under it
+        res: dict[str, Any] = {"p50_ms": med, "p95_ms": max(med, float(np.percentile(kept, 95))), "runs": int(len(arr)),
                                "rejected": int(len(arr) - len(kept))}
         if keep_times:
             res["times_ms"] = these
@@ -195,6 +251,68 @@ def run_models(paths: list[str], threads: int, protocol: dict[str, float] | None
     return results
 
 
+def remeasure_excursions(entries: Sequence[dict[str, Any]], results: list[dict[str, Any]], paths: Sequence[str],
+                         threads: int, protocol: dict[str, float] | None = None,
+                         say: Callable[[str], None] | None = None,
+                         sleep: Callable[[float], None] = time.sleep) -> dict[str, Any] | None:
+    """Measure again the groups of a kit run that were timed while the device ran more than
+    ``EXCURSION`` off its usual speed, once it is back (:func:`wait_until_usual`).
+
+    Entries with ``reference`` time the reference kernels: each run of them is one timing,
+    placed at the entry after it, and their median state is the usual one. A group whose
+    position's (interpolated) speed factor is off is timed again after the wait, and its new
+    results replace the old ones (``remeasured`` True, the first p50 kept as ``first_p50_ms``)
+    when the reference kernels around the new timing were nearer the usual state. Returns what
+    was done (None when the whole run stayed within ``EXCURSION`` or had under three timings).
+    """
+    timings: list[tuple[int, list[int]]] = []
+    run: list[int] = []
+    for i, e in enumerate([*entries, {}]):
+        if "reference" in e:
+            run.append(i)
+        elif run:
+            timings.append((i, sorted(run, key=lambda j: entries[j]["reference"])))
+            run = []
+    if len(timings) < 3:
+        return None
+    times = [[float(results[j]["p50_ms"]) for j in idx] for _, idx in timings]
+    factors = speed_factors(times)
+    positions = [float(pos) for pos, _ in timings]
+    keys = [e.get("group", i) for i, e in enumerate(entries)]
+    off: list[tuple[int, int, float]] = []
+    start = 0
+    for i in range(1, len(entries) + 1):
+        if i == len(entries) or keys[i] != keys[start]:
+            f = float(np.interp(start, positions, factors))
+            if not any("reference" in entries[j] for j in range(start, i)) and away(f):
+                off.append((start, i, f))
+            start = i
+    if not off:
+        return None
+    ref = timings[0][1]
+
+    def probe() -> list[float]:
+        return [m["p50_ms"] for m in measure_files([paths[j] for j in ref], threads, ref, protocol)]
+
+    usual = np.median(np.asarray(times), axis=0).tolist()
+    n = sum(b - a for a, b, _ in off)
+    back, now, waited = wait_until_usual(probe, usual, say=say, sleep=sleep)
+    summary: dict[str, Any] = {"measurements": n, "worst_factor": max(f for _, _, f in off), "back": back,
+                               "waited_s": waited, "factor_then": now, "replaced": 0}
+    if not back:
+        return summary
+    fresh = [measure_files(list(paths[a:b]), threads, list(range(a, b)), protocol) for a, b, _ in off]
+    after = probe()
+    state = float(np.sqrt(now * np.exp(np.mean(np.log(np.asarray(after) / np.asarray(usual))))))
+    for (a, b, f), got in zip(off, fresh):
+        if abs(np.log(state)) < abs(np.log(f)):
+            for j, m in zip(range(a, b), got):
+                results[j] = {**m, "remeasured": True, "first_p50_ms": results[j]["p50_ms"]}
+            summary["replaced"] += b - a
+    summary["factor_after"] = state
+    return summary
+
+
 def _kit_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run an edgeslim calibration kit on this device.")
     parser.add_argument("kit", nargs="?", default=str(Path(__file__).parent))
@@ -217,9 +335,17 @@ def _kit_main(argv: list[str] | None = None) -> int:
     results = run_models(paths, threads, manifest.get("protocol"), progress=progress,
                          groups=[e.get("group", i) for i, e in enumerate(manifest["entries"])])
     print(file=sys.stderr)
+    redo = remeasure_excursions(manifest["entries"], results, paths, threads, manifest.get("protocol"),
+                                say=lambda text: print(text, file=sys.stderr))
+    if redo:
+        print(f"{redo['measurements']} micro-models were timed while the device ran up to "
+              f"{redo['worst_factor'] - 1:+.0%} off its usual speed: " +
+              (f"{redo['replaced']} measured again" if redo["back"] else
+               f"kept, it did not come back within {redo['waited_s']:.0f} s"), file=sys.stderr)
     out = {"kit_version": manifest["kit_version"], "kit_id": manifest["kit_id"], "facts": device_facts(threads),
            "protocol": {**PROTOCOL, **manifest.get("protocol", {})},
            "entries": [{**e, **r} for e, r in zip(manifest["entries"], results)],
+           **({"remeasured": redo} if redo else {}),
            **({"focus": manifest["focus"]} if "focus" in manifest else {})}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}; copy it back and run: edgeslim calibrate --fit {args.out} --device NAME")

@@ -244,8 +244,11 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
             if done == total or done % 10 == 0:
                 bar.update(done)
 
+        def say(text: str) -> None:
+            print(f"\n{text}", file=sys.stderr)
+
         result = _calibrate.calibrate(args.device, threads, mode, args.seed or 0, progress, reader, focus=focus,
-                                      networks=networks)
+                                      networks=networks, say=say)
         facts, protocol = _runner.device_facts(threads), dict(_runner.PROTOCOL)
         if reader is not None:
             fitted = _calibrate.fit_energy(result.kernels, result.measurements,
@@ -264,6 +267,9 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
         extra["reference"] = {"kernels": [dataclasses.asdict(k) for k in _calibrate.REFERENCE_KERNELS],
                               "p50_ms": result.track.reference()}
         extra["speed_track"] = result.track.to_dict()
+    remeasured = result.remeasured if not args.fit else data.get("remeasured")
+    if remeasured:
+        extra["remeasured"] = remeasured
     if targets:
         extra["focus"] = {"plans": focus_plans, "kernels": len(focus), "networks": len(networks)}
     elif args.fit and data.get("focus"):
@@ -281,11 +287,30 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
         print(f"  device speed over the calibration: {min(f) - 1:+.1%} to {max(f) - 1:+.1%} around its median "
               f"({len(f)} timings of the reference kernels; recorded, not corrected for: recalibrate on a quiet "
               f"device when this spread is large)")
+    if remeasured:
+        print("  " + remeasure_line(remeasured))
     for r in result.rounds:
         print(f"  adaptive round {r['round']}: held-out MAPE {r['heldout_mape']:.1%}, "
               f"within 10% {r['heldout_within_10pct']:.0%} over {r['points']} new kernels")
     print(f"check it: edgeslim check-latency --device {args.device}")
     return 0
+
+
+def remeasure_line(r: dict[str, Any]) -> str:
+    """What a calibration did about measurements taken while the device ran off its usual speed.
+
+    Example:
+        >>> remeasure_line({"measurements": 40, "worst_factor": 1.6, "back": True, "waited_s": 15.0, "replaced": 38})
+        'measured 40 micro-models again (timed while the device ran up to +60% off its usual speed; it was back after waiting 15 s): 38 new results kept'
+    """
+    what = (f"{r['measurements']} micro-models timed while the device ran up to {r['worst_factor'] - 1:+.0%} off "
+            f"its usual speed")
+    if not r.get("back"):
+        return (f"kept {what}: it did not come back within {r['waited_s']:.0f} s of waiting (last seen "
+                f"{r['factor_then'] - 1:+.0%}); calibrate again when the device is quiet")
+    return (f"measured {r['measurements']} micro-models again (timed while the device ran up to "
+            f"{r['worst_factor'] - 1:+.0%} off its usual speed; it was back after waiting {r['waited_s']:.0f} s): "
+            f"{r['replaced']} new results kept")
 
 
 def cmd_check_latency(args: argparse.Namespace) -> int:

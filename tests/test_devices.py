@@ -112,6 +112,97 @@ def test_measure_files_keeps_multi_thread_sessions_apart(monkeypatch, threads, m
     assert len(out) == 3 and all(m["runs"] == 3 for m in out) and peak[0] == most_open
 
 
+def _fake_files(state: dict[str, float], base: dict[str, float]) -> Any:
+    """A measure_files stand-in: each file's time is its base time x the device's current state."""
+    def measure(paths: list[str], threads: int, seeds: list[int], protocol: Any = None,
+                energy_reader: Any = None, *_: Any) -> list[dict[str, Any]]:
+        state["calls"] += 1
+        return [{"p50_ms": base.get(p, 0.1) * state["slow"], "p95_ms": base.get(p, 0.1) * state["slow"] * 1.1,
+                 "runs": 10, "rejected": 0, "io_bytes": 8} for p in paths]
+    return measure
+
+
+def test_kit_run_measures_a_slow_stretch_again(monkeypatch):
+    """Groups timed while the reference kernels ran 60 % slow for two timings in a row are timed
+    again once the device is back; one slow timing alone is noise and changes nothing."""
+    n_ref = len(_calibrate.REFERENCE_KERNELS)
+    entries: list[dict[str, Any]] = []
+    slow_at: set[int] = set()
+    for t in range(6):  # a timing, then two groups of two micro-models (none after the last)
+        entries += [{"file": f"r{i}", "reference": i, "group": f"t{t}"} for i in range(n_ref)]
+        for g in range(2 if t < 5 else 0):
+            first = len(entries)
+            entries += [{"file": f"k{t}{g}{j}", "kernel": {}, "group": f"g{t}{g}"} for j in range(2)]
+            if t in (2, 3):
+                slow_at.update((first, first + 1))
+    base = {e["file"]: 1.0 + 0.5 * e["reference"] if "reference" in e else 0.2 for e in entries}
+    # the device ran 1.6x slow from the third timing into the fourth's groups
+    slow = {i for i, e in enumerate(entries) if "reference" in e and e["group"] in ("t2", "t3")} | slow_at
+    results = [{"p50_ms": base[e["file"]] * (1.6 if i in slow else 1.0), "p95_ms": 1.0, "runs": 10, "rejected": 0,
+                "io_bytes": 8} for i, e in enumerate(entries)]
+    state = {"slow": 1.0, "calls": 0}
+    monkeypatch.setattr(_runner, "measure_files", _fake_files(state, base))
+    paths = [e["file"] for e in entries]
+    kept = [dict(r) for r in results]
+    summary = _runner.remeasure_excursions(entries, results, paths, 1, sleep=lambda s: None)
+    assert summary is not None and summary["back"] and summary["waited_s"] == 0
+    redone = [i for i, r in enumerate(results) if r.get("remeasured")]
+    # the slow timings' own groups and the ones between them (interpolated factor over 1.15)
+    assert set(redone) >= slow_at and summary["replaced"] == summary["measurements"] == len(redone)
+    assert all(results[i]["p50_ms"] == pytest.approx(0.2) and results[i]["first_p50_ms"] == kept[i]["p50_ms"]
+               for i in redone)
+    assert all(results[i] == kept[i] for i in range(len(entries)) if i not in redone)
+    # one slow timing alone (smoothed away): nothing to do
+    lone_slow = [dict(r) for r in kept]
+    for i in slow_at:
+        lone_slow[i]["p50_ms"] = 0.2
+    for i, e in enumerate(entries):
+        lone_slow[i]["p50_ms"] = base[e["file"]] * (1.6 if e.get("group") == "t2" else 1.0) \
+            if "reference" in e else 0.2
+    assert _runner.remeasure_excursions(entries, lone_slow, paths, 1, sleep=lambda s: None) is None
+    # a device that stays slow: the wait gives up, and nothing is replaced
+    state["slow"] = 1.6
+    naps: list[float] = []
+    monkeypatch.setitem(_runner.WAIT, "limit_s", 30.0)
+    stuck = [dict(r) for r in kept]
+    summary = _runner.remeasure_excursions(entries, stuck, paths, 1, sleep=naps.append)
+    assert summary is not None and not summary["back"] and summary["replaced"] == 0
+    assert naps == [15.0, 15.0] and stuck == kept
+
+
+def test_calibration_measures_a_slow_stretch_again(monkeypatch):
+    """A local calibration whose device slowed down for a while measures that stretch again at
+    the end; chains are measured again with their parts, in one group, as the first time."""
+    monkeypatch.setattr(_calibrate, "MODES", {"quick": (16, 1, 4, 2), "full": (16, 1, 4, 2)})
+    monkeypatch.setattr(_calibrate, "CHAINS", {"quick": 6, "full": 6})
+    monkeypatch.setattr(_calibrate, "TRACK_EVERY", 8)
+    state = {"slow": 1.0, "calls": 0}
+    fake = _fake_files(state, {})
+
+    def measure(paths: list[str], *rest: Any, **kw: Any) -> list[dict[str, Any]]:
+        # 60 % slow from the 6th to the 14th group of the run (the design and the chains)
+        state["slow"] = 1.6 if 6 <= state["calls"] < 14 else 1.0
+        out = fake(paths, *rest, **kw)
+        for m, p in zip(out, paths):  # times and sizes that differ by model, so the fit has something to fit
+            m["p50_ms"] *= 1 + Path(p).stat().st_size / 2e5
+            m["io_bytes"] = Path(p).stat().st_size
+        return out
+
+    monkeypatch.setattr(_runner, "measure_files", measure)
+    notes: list[str] = []
+    result = _calibrate.calibrate("t", 1, types=("conv_kxk@32", "gemm@32"), say=notes.append)
+    r = result.remeasured
+    assert r is not None and r["back"] and r["replaced"] > 0 and r["worst_factor"] == pytest.approx(1.6)
+    assert notes == []  # the device was back at once: no waiting
+    track = result.track
+    assert track is not None
+    # the track shows the slow stretch, and no measurement taken in it is left
+    assert max(track.factor(s) for s, _ in track.points) == pytest.approx(1.6)
+    assert [m for m in result.measurements if "seq" in m and track.factor(m["seq"]) > 1.15] == []
+    for c in result.chains:  # each chain's lone times are its parts', measured in its group
+        assert [m["seq"] for m in c["lone"]] == [c["seq"] + 1 + i for i in range(len(c["lone"]))]
+
+
 @pytest.mark.parametrize("ktype", _calibrate.KERNEL_TYPES)
 def test_micro_models_are_valid_and_run(ktype, tmp_path):
     k = _calibrate.random_kernel(ktype, np.random.default_rng(0))
