@@ -285,8 +285,8 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
     if result.track is not None and len(result.track.points) >= 3:
         f = [result.track.factor(s) for s, _ in result.track.points]
         print(f"  device speed over the calibration: {min(f) - 1:+.1%} to {max(f) - 1:+.1%} around its median "
-              f"({len(f)} timings of the reference kernels; recorded, not corrected for: recalibrate on a quiet "
-              f"device when this spread is large)")
+              f"({len(f)} timings of the reference kernels; stretches over {_runner.EXCURSION:.0%} off are "
+              f"measured again, smaller drift is recorded, not corrected for)")
     if remeasured:
         print("  " + remeasure_line(remeasured))
     for r in result.rounds:
