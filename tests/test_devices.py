@@ -153,12 +153,7 @@ def test_kit_run_measures_a_slow_stretch_again(monkeypatch):
                for i in redone)
     assert all(results[i] == kept[i] for i in range(len(entries)) if i not in redone)
     # one slow timing alone (smoothed away): nothing to do
-    lone_slow = [dict(r) for r in kept]
-    for i in slow_at:
-        lone_slow[i]["p50_ms"] = 0.2
-    for i, e in enumerate(entries):
-        lone_slow[i]["p50_ms"] = base[e["file"]] * (1.6 if e.get("group") == "t2" else 1.0) \
-            if "reference" in e else 0.2
+    lone_slow = [{**r, "p50_ms": base[e["file"]] * (1.6 if e["group"] == "t2" else 1.0)} for r, e in zip(kept, entries)]
     assert _runner.remeasure_excursions(entries, lone_slow, paths, 1, sleep=lambda s: None) is None
     # a device that stays slow: the wait gives up, and nothing is replaced
     state["slow"] = 1.6
