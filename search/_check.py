@@ -52,7 +52,7 @@ VALIDATION_WORKLOADS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]
 
 @dataclasses.dataclass(frozen=True)
 class CheckRow:
-    """One sampled candidate: predicted and measured p50 in ms."""
+    """One sampled candidate: predicted and measured p50 (and p95) in ms."""
 
     workload: str
     plan: str
@@ -61,11 +61,20 @@ class CheckRow:
     remeasured_ms: float | None = None  # the same file timed again after all others (``repeat``)
     # how much slower (>1) the reference kernels ran around this measurement than during calibration
     speed: float | None = None
+    predicted_p95_ms: float | None = None
+    measured_p95_ms: float | None = None  # over every timed run of the candidate's sessions
 
     @property
     def error(self) -> float:
         """Signed relative error of the prediction."""
         return self.predicted_ms / self.measured_ms - 1.0
+
+    @property
+    def p95_error(self) -> float | None:
+        """Signed relative error of the p95 prediction (None: no p95 on this row)."""
+        if self.predicted_p95_ms is None or self.measured_p95_ms is None:
+            return None
+        return self.predicted_p95_ms / self.measured_p95_ms - 1.0
 
     @property
     def repeat_error(self) -> float | None:
@@ -92,11 +101,15 @@ class CheckSummary:
     # ceiling measurement noise puts on any predictor here (None when not repeated)
     repeat_within_10pct: float | None = None
     repeat_mape: float | None = None
+    # the same for the p95 predictions (None when the rows carry no p95)
+    p95_within_10pct: float | None = None
+    p95_mape: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {"n": self.n, "within_10pct": self.within_10pct, "mape": self.mape, "spearman": self.spearman,
                 "repeat_within_10pct": self.repeat_within_10pct, "repeat_mape": self.repeat_mape,
+                "p95_within_10pct": self.p95_within_10pct, "p95_mape": self.p95_mape,
                 "worst": [dict(dataclasses.asdict(r), error=r.error) for r in self.worst]}
 
 
@@ -109,8 +122,10 @@ def summarize(rows: Sequence[CheckRow], worst: int = 5) -> CheckSummary:
         if len(rows) > 2 else float("nan")
     order = sorted(rows, key=lambda r: -abs(r.error))[:worst]
     rep = np.array([abs(r.repeat_error) for r in rows if r.repeat_error is not None])
+    tail = np.array([abs(r.p95_error) for r in rows if r.p95_error is not None])
     return CheckSummary(len(rows), float((errs <= 0.10).mean()), float(errs.mean()), rho, tuple(order),
-                        float((rep <= 0.10).mean()) if len(rep) else None, float(rep.mean()) if len(rep) else None)
+                        float((rep <= 0.10).mean()) if len(rep) else None, float(rep.mean()) if len(rep) else None,
+                        float((tail <= 0.10).mean()) if len(tail) else None, float(tail.mean()) if len(tail) else None)
 
 
 def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int = 0,
@@ -136,9 +151,9 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
     total = samples_per_workload * len(workloads) * (2 if repeat else 1)
     n_threads = threads or profile.threads
 
-    def measure(path: Path, shape: tuple[int, ...]) -> float:
-        return measure_latency(path, shape, threads=n_threads, budget_s=0.3, min_runs=10,
-                               sessions=CHECK_SESSIONS).p50_ms
+    def measure(path: Path, shape: tuple[int, ...]) -> tuple[float, float]:
+        got = measure_latency(path, shape, threads=n_threads, budget_s=0.3, min_runs=10, sessions=CHECK_SESSIONS)
+        return got.p50_ms, got.p95_ms
 
     timings: list[list[float]] = []
     with tempfile.TemporaryDirectory(prefix="edgeslim-check-") as tmp:
@@ -158,9 +173,11 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                 plan = drawn if i else space.dense_plan()
                 model = space.realize(base, plan, reduce_range=profile.int8_reduce_range)
                 path = _export_candidate(model, x, Path(tmp), f"{w}-{i}")
-                predicted, _, _ = profile.latency_model.predict_module(model, x)
+                predicted, predicted_p95, _ = profile.latency_model.predict_module(model, x)
                 time_reference()
-                rows.append(CheckRow(w, plan.summary(), predicted, measure(path, shape)))
+                p50, p95 = measure(path, shape)
+                rows.append(CheckRow(w, plan.summary(), predicted, p50, predicted_p95_ms=predicted_p95,
+                                     measured_p95_ms=p95))
                 files.append((path, shape))
                 if progress:
                     progress(len(rows), total)
@@ -170,7 +187,7 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                     for r, a, b in zip(rows, timings, timings[1:])]
         if repeat:
             for i, (path, shape) in enumerate(files):
-                rows[i] = dataclasses.replace(rows[i], remeasured_ms=measure(path, shape))
+                rows[i] = dataclasses.replace(rows[i], remeasured_ms=measure(path, shape)[0])
                 if progress:
                     progress(len(rows) + i + 1, total)
     return rows

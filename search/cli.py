@@ -361,6 +361,9 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
               f"calibration ({lo - 1:+.1%} to {hi - 1:+.1%} around the candidates); predictions scaled by that "
               f"drift: {scaled.within_10pct:.0%} within ±10%, MAPE {scaled.mape:.1%} (the model's own error; "
               f"recalibrate when the drift is large)")
+    if summary.p95_within_10pct is not None:
+        print(f"p95 (each candidate's 95th percentile run against the predicted p95): {summary.p95_within_10pct:.0%} "
+              f"within ±10%, MAPE {summary.p95_mape:.1%}")
     if summary.repeat_within_10pct is not None:
         print(f"measured again: {summary.repeat_within_10pct:.0%} of the files within ±10% of their first "
               f"measurement (mean deviation {summary.repeat_mape:.1%}): what noise leaves any predictor here")

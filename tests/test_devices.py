@@ -673,6 +673,11 @@ def test_check_latency_repeat_reports_measurement_noise(tmp_path, monkeypatch, c
     assert len(out["rows"]) == 2 and all(r["remeasured_ms"] > 0 for r in out["rows"])
     rep = [abs(r["remeasured_ms"] / r["measured_ms"] - 1) for r in out["rows"]]
     assert out["summary"]["repeat_mape"] == pytest.approx(float(np.mean(rep)))
+    # p95 predicted and measured on every row, and summarized from them
+    assert all(r["predicted_p95_ms"] >= r["predicted_ms"] and r["measured_p95_ms"] >= r["measured_ms"]
+               for r in out["rows"])
+    tail = [abs(r["predicted_p95_ms"] / r["measured_p95_ms"] - 1) for r in out["rows"]]
+    assert out["summary"]["p95_mape"] == pytest.approx(float(np.mean(tail)))
     assert 0.3 < out["speed_ratio"] < 0.8  # about 0.5, give or take this VM's noise
     # each row carries the speed timed around its own measurement; the drift-scaled figures use it
     assert all(0.3 < r["speed"] < 0.8 for r in out["rows"])
