@@ -466,8 +466,9 @@ class SpeedTrack:
     ``factor(seq)`` is the device's relative slowness when measurement number ``seq`` was taken
     (1.0 = the calibration's median state): the geometric mean over the reference kernels of
     their time at the nearest timings over their median, smoothed over three neighbouring
-    timings and interpolated by position. Calibration records and reports it; it does not
-    rescale measurements by it (on the development VM that made network predictions worse: a
+    timings and interpolated by position. Calibration records and reports it and measures
+    again what it timed more than ``_runner.EXCURSION`` off (:func:`_remeasure`); it never
+    rescales measurements by it (on the development VM that made network predictions worse: a
     few kernels' drift does not carry over to every kernel, see the README).
 
     Example:

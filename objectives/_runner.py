@@ -301,7 +301,11 @@ def remeasure_excursions(entries: Sequence[dict[str, Any]], results: list[dict[s
                                "waited_s": waited, "factor_then": now, "replaced": 0}
     if not back:
         return summary
-    fresh = [measure_files(list(paths[a:b]), threads, list(range(a, b)), protocol) for a, b, _ in off]
+    fresh = []
+    for a, b, _ in off:
+        fresh.append(measure_files(list(paths[a:b]), threads, list(range(a, b)), protocol))
+        if say and (len(fresh) % 10 == 0 or len(fresh) == len(off)):
+            say(f"measured again: {len(fresh)}/{len(off)} groups")
     after = probe()
     state = float(np.sqrt(now * np.exp(np.mean(np.log(np.asarray(after) / np.asarray(usual))))))
     for (a, b, f), got in zip(off, fresh):
