@@ -296,6 +296,25 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
     return 0
 
 
+def foreign_device(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    """How this machine differs from the one a profile was calibrated on ('' when it does not,
+    or when the profile records no facts).
+
+    Example:
+        >>> foreign_device({"cpu_model": "Cortex-A76", "cores": 4}, {"cpu_model": "AMD EPYC", "cores": 2})
+        'CPU Cortex-A76 there, AMD EPYC here; 4 cores there, 2 here'
+    """
+    diffs = []
+    if theirs.get("cpu_model") and theirs.get("cpu_model") != ours.get("cpu_model"):
+        diffs.append(f"CPU {theirs['cpu_model']} there, {ours.get('cpu_model')} here")
+    if theirs.get("cores") and theirs.get("cores") != ours.get("cores"):
+        diffs.append(f"{theirs['cores']} cores there, {ours.get('cores')} here")
+    if "isa_flags" in theirs and sorted(theirs["isa_flags"]) != sorted(ours.get("isa_flags", [])):
+        diffs.append(f"ISA {','.join(sorted(theirs['isa_flags'])) or 'none'} there, "
+                     f"{','.join(sorted(ours.get('isa_flags', []))) or 'none'} here")
+    return "; ".join(diffs)
+
+
 def remeasure_line(r: dict[str, Any]) -> str:
     """What a calibration did about measurements taken while the device ran off its usual speed.
 
@@ -315,7 +334,7 @@ def remeasure_line(r: dict[str, Any]) -> str:
 
 def cmd_check_latency(args: argparse.Namespace) -> int:
     """Compare a profile's predictions with latency measured here on random candidates."""
-    from edgeslim.objectives import _calibrate, load_device
+    from edgeslim.objectives import _calibrate, _runner, load_device
     from edgeslim.search._check import VALIDATION_WORKLOADS, check_latency, summarize
     from edgeslim.search._progress import Progress
     from edgeslim.spaces import SpecError
@@ -327,6 +346,11 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
     unknown = [w for w in workloads if w not in VALIDATION_WORKLOADS]
     if unknown:
         raise SpecError(f"unknown workloads {unknown}; choose from {list(VALIDATION_WORKLOADS)}")
+    other = foreign_device(profile.facts, _runner.device_facts(args.threads or profile.threads))
+    if other:
+        print(f"warning: check-latency measures on this machine, and it is not the one {profile.name!r} was "
+              f"calibrated on ({other}): the figures compare two devices; run it on the device itself",
+              file=sys.stderr)
     bar = Progress(args.samples * len(workloads), "candidates")
     bar.total *= 2 if args.repeat else 1
     reference = (profile.extra.get("reference") or {}).get("p50_ms")

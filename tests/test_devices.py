@@ -685,6 +685,21 @@ def test_check_latency_repeat_reports_measurement_noise(tmp_path, monkeypatch, c
     assert scaled == pytest.approx(sorted(abs(w["error"]) for w in out["summary_drift_scaled"]["worst"]))
 
 
+def test_check_latency_warns_when_this_is_not_the_profiles_device(tmp_path, capsys):
+    """A profile checked on another machine still runs, with a warning naming both machines."""
+    DeviceProfile(name="pi", threads=1, latency_model=_cover_digits_cnn(), profile_id="p1",
+                  facts={"cpu_model": "Cortex-A76", "cores": 4, "isa_flags": ["asimddp", "neon"]}
+                  ).save(tmp_path / "pi.json")
+    assert main(["check-latency", "--device", "pi", "--devices-dir", str(tmp_path), "--workloads", "digits-cnn",
+                 "--samples", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "not the one 'pi' was calibrated on (CPU Cortex-A76 there" in err and "4 cores there" in err
+    from edgeslim.search.cli import foreign_device
+
+    here = _runner.device_facts(1)
+    assert foreign_device(here, here) == "" and foreign_device({}, here) == ""
+
+
 def test_calibrate_for_bad_targets(tmp_path, capsys):
     assert main(["calibrate", "--device", "x", "--devices-dir", str(tmp_path), "--for", "resnet99"]) == 2
     assert "resnet99" in capsys.readouterr().err
