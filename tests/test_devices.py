@@ -466,6 +466,46 @@ def test_rapl_reader_handles_wraparound(tmp_path):
     assert find_rapl(tmp_path / "none") is None
 
 
+def test_power_command_reader_integrates_watts(tmp_path):
+    """A meter command printing 2 W (with junk lines between) integrates to ~2 J per second."""
+    import sys
+    import time
+
+    from edgeslim.objectives._power import PowerCommandReader
+
+    script = tmp_path / "meter.py"
+    script.write_text("import sys, time\nwhile True:\n    print('2.0 W'); print('junk'); sys.stdout.flush()\n"
+                      "    time.sleep(0.005)\n")
+    reader = PowerCommandReader(f"{sys.executable} {script}")
+    try:
+        time.sleep(0.3)  # the first readings arrive
+        start, t0 = reader(), time.monotonic()
+        time.sleep(0.5)
+        joules, seconds = reader() - start, time.monotonic() - t0
+    finally:
+        reader.close()
+    assert joules == pytest.approx(2.0 * seconds, rel=0.2)
+
+
+def test_energy_constants_are_recovered_from_metered_runs():
+    """fit_energy recovers per-MAC, per-byte and static constants from metered micro-models,
+    and returns None for unmetered runs (the profile then keeps the labelled defaults)."""
+    kernels = _calibrate.design(("conv_kxk@32", "conv_kxk@8", "gemm@4", "conv_dw@32"), 12, seed=3)
+    truth = {32: 4.0, 8: 1.0, 4: 0.6}  # pJ per MAC
+    meas = []
+    for i, k in enumerate(kernels):
+        moved = k.weight_elems * k.bits / 8 + k.act_bytes * (k.in_elems + k.out_elems)
+        p50 = 0.05 + 1e-6 * k.macs + 0.01 * (i % 3)  # latency not a multiple of the work terms
+        mj = (truth[k.compute_bits] * k.macs + 20.0 * moved) * 1e-9 + 1.5 * p50
+        meas.append({"p50_ms": p50, "energy_mj": mj})
+    fitted = _calibrate.fit_energy(kernels, meas, "test meter")
+    assert fitted is not None and fitted.measured and fitted.source == "test meter"
+    used = {k.compute_bits for k in kernels}  # 4-bit Linears compute on int8 (MatMulNBits): no 4-bit MACs
+    assert {b: fitted.mac_pj_by_bits[b] for b in used} == pytest.approx({b: truth[b] for b in used}, rel=1e-3)
+    assert fitted.byte_pj == pytest.approx(20.0, rel=1e-3) and fitted.static_w == pytest.approx(1.5, rel=1e-3)
+    assert _calibrate.fit_energy(kernels, [{"p50_ms": m["p50_ms"]} for m in meas], "none") is None
+
+
 def test_speed_track_follows_the_device_and_ignores_one_spike():
     track = _calibrate.SpeedTrack()
     assert track.factor(0) == 1.0 and track.reference() == []
