@@ -517,25 +517,14 @@ class SpeedTrack:
     def from_entries(cls, entries: Sequence[Mapping[str, Any]]) -> SpeedTrack:
         """The track of a kit's measured entries: each run of consecutive reference entries is one
         timing, positioned at the entry after it."""
-        t, run = cls(), {}
-        for i, e in enumerate(list(entries) + [{}]):
-            if "reference" in e:
-                run[int(e["reference"])] = float(e["p50_ms"])
-            elif run:
-                if len(run) == len(REFERENCE_KERNELS):
-                    t.add(i, [run[j] for j in range(len(REFERENCE_KERNELS))])
-                run = {}
+        t = cls()
+        for pos, run in _runner.reference_timings(entries):
+            if len(run) == len(REFERENCE_KERNELS):
+                t.add(pos, [float(entries[run[j]]["p50_ms"]) for j in range(len(REFERENCE_KERNELS))])
         return t
 
 
-def speed_ratio(now: Sequence[float], then: Sequence[float]) -> float:
-    """Geometric mean of now/then over the reference kernels: 1.1 means 10 % slower now.
-
-    Example:
-        >>> round(speed_ratio([1.1, 2.2], [1.0, 2.0]), 3)
-        1.1
-    """
-    return float(np.exp(np.mean(np.log(np.asarray(now) / np.asarray(then)))))
+speed_ratio = _runner.speed_ratio  # check-latency and the CLI compare reference timings with it
 
 
 # lone micro-models timed together (interleaved, see _runner.time_group): long enough a stretch

@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,51 @@ def speed_factors(times: Sequence[Sequence[float]]) -> np.ndarray:
     return np.median(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
 
 
+def speed_ratio(now: Sequence[float], then: Sequence[float]) -> float:
+    """Geometric mean of now/then over the reference kernels: 1.1 means 10 % slower now.
+
+    Example:
+        >>> round(speed_ratio([1.1, 2.2], [1.0, 2.0]), 3)
+        1.1
+    """
+    return float(np.exp(np.mean(np.log(np.asarray(now) / np.asarray(then)))))
+
+
+def reference_timings(entries: Sequence[Mapping[str, Any]]) -> list[tuple[int, dict[int, int]]]:
+    """The timings of the reference kernels in a kit's entries: each run of consecutive entries
+    with ``reference`` is one timing, positioned at the entry after it, as (position,
+    {reference index: entry index}).
+
+    Example:
+        >>> reference_timings([{"reference": 0}, {"reference": 1}, {}, {"reference": 0}])
+        [(2, {0: 0, 1: 1}), (4, {0: 3})]
+    """
+    timings: list[tuple[int, dict[int, int]]] = []
+    run: dict[int, int] = {}
+    for i, e in enumerate([*entries, {}]):
+        if "reference" in e:
+            run[int(e["reference"])] = i
+        elif run:
+            timings.append((i, run))
+            run = {}
+    return timings
+
+
+def group_spans(keys: Sequence[Any]) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive equal keys (a kit's groups, timed together).
+
+    Example:
+        >>> group_spans(["a", "a", "b", "a"])
+        [(0, 2), (2, 3), (3, 4)]
+    """
+    spans, start = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            spans.append((start, i))
+            start = i
+    return spans
+
+
 def away(factor: float) -> bool:
     """Whether a speed factor lies outside the usual state (by more than ``EXCURSION``)."""
     return abs(float(np.log(factor))) > float(np.log1p(EXCURSION))
@@ -71,8 +116,7 @@ def wait_until_usual(probe: Callable[[], Sequence[float]], usual: Sequence[float
     pause = WAIT["pause_s"] if pause_s is None else pause_s
     waited = 0.0
     while True:
-        now = probe()
-        factor = float(np.exp(np.mean(np.log(np.asarray(now) / np.asarray(usual)))))
+        factor = speed_ratio(probe(), usual)
         if not away(factor) or waited + pause > limit:
             return not away(factor), factor, waited
         if say:
@@ -239,15 +283,10 @@ def run_models(paths: list[str], threads: int, protocol: dict[str, float] | None
     without ``groups``); ``progress(done, total)`` is called after each group."""
     keys = list(groups) if groups is not None else list(range(len(paths)))
     results: list[dict[str, Any]] = []
-    i = 0
-    while i < len(paths):
-        j = i + 1
-        while j < len(paths) and keys[j] == keys[i]:
-            j += 1
+    for i, j in group_spans(keys):
         results += measure_files(paths[i:j], threads, list(range(i, j)), protocol, energy_reader)
-        i = j
         if progress:
-            progress(i, len(paths))
+            progress(j, len(paths))
     return results
 
 
@@ -265,28 +304,17 @@ def remeasure_excursions(entries: Sequence[dict[str, Any]], results: list[dict[s
     when the reference kernels around the new timing were nearer the usual state. Returns what
     was done (None when the whole run stayed within ``EXCURSION`` or had under three timings).
     """
-    timings: list[tuple[int, list[int]]] = []
-    run: list[int] = []
-    for i, e in enumerate([*entries, {}]):
-        if "reference" in e:
-            run.append(i)
-        elif run:
-            timings.append((i, sorted(run, key=lambda j: entries[j]["reference"])))
-            run = []
+    timings = [(pos, [run[r] for r in sorted(run)]) for pos, run in reference_timings(entries)]
     if len(timings) < 3:
         return None
     times = [[float(results[j]["p50_ms"]) for j in idx] for _, idx in timings]
     factors = speed_factors(times)
     positions = [float(pos) for pos, _ in timings]
-    keys = [e.get("group", i) for i, e in enumerate(entries)]
     off: list[tuple[int, int, float]] = []
-    start = 0
-    for i in range(1, len(entries) + 1):
-        if i == len(entries) or keys[i] != keys[start]:
-            f = float(np.interp(start, positions, factors))
-            if not any("reference" in entries[j] for j in range(start, i)) and away(f):
-                off.append((start, i, f))
-            start = i
+    for a, b in group_spans([e.get("group", i) for i, e in enumerate(entries)]):
+        f = float(np.interp(a, positions, factors))
+        if not any("reference" in entries[j] for j in range(a, b)) and away(f):
+            off.append((a, b, f))
     if not off:
         return None
     ref = timings[0][1]
@@ -307,7 +335,7 @@ def remeasure_excursions(entries: Sequence[dict[str, Any]], results: list[dict[s
         if say and (len(fresh) % 10 == 0 or len(fresh) == len(off)):
             say(f"measured again: {len(fresh)}/{len(off)} groups")
     after = probe()
-    state = float(np.sqrt(now * np.exp(np.mean(np.log(np.asarray(after) / np.asarray(usual))))))
+    state = float(np.sqrt(now * speed_ratio(after, usual)))
     for (a, b, f), got in zip(off, fresh):
         if abs(np.log(state)) < abs(np.log(f)):
             for j, m in zip(range(a, b), got):
