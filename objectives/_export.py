@@ -310,11 +310,10 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
     ``min_runs``/``max_runs``), in the calibration's windows
     (:func:`edgeslim.objectives._runner.time_group`). Each run is timed on its own. With
     ``sessions`` > 1 that many fresh sessions are timed (taking turns with 1 thread, one after
-    another with more: :func:`edgeslim.objectives._runner.measure_files`) and the median is the
-    median of their medians: on a shared VM one session of a small model can sit 10-20 % off
-    another (buffer placement), which one long session cannot average out.
+    another with more: :func:`edgeslim.objectives._runner.measure_files`) and pooled
+    (:func:`edgeslim.objectives._runner.pool_sessions`: median of their medians, p95 over all runs).
     """
-    from edgeslim.objectives._runner import PROTOCOL, make_session, measure_files
+    from edgeslim.objectives._runner import PROTOCOL, make_session, measure_files, pool_sessions
 
     x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
     protocol = {"warmup": warmup, "min_runs": min_runs, "max_runs": max_runs, "budget_s": budget_s,
@@ -329,9 +328,8 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
     n = max(sessions, 1)
     got = measure_files([str(path)] * n, threads, list(range(n)), protocol, keep_times=True,
                         open_session=open_session, feed=lambda s, _: {s.get_inputs()[0].name: x})
-    arr = np.concatenate([np.asarray(g["times_ms"]) for g in got])
-    return LatencyStats(float(np.median([g["p50_ms"] for g in got])), float(np.percentile(arr, 95)), float(arr.mean()),
-                        len(arr), threads)
+    pooled = pool_sessions(got)
+    return LatencyStats(pooled["p50_ms"], pooled["p95_ms"], pooled["mean_ms"], pooled["runs"], threads)
 
 
 def build_artifact(model: nn.Module, example_input: torch.Tensor, bits_by_layer: Mapping[str, int],

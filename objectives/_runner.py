@@ -5,6 +5,7 @@ exactly the protocol a local ``edgeslim calibrate`` runs. Keep it free of edgesl
 imports.
 
 Kit usage on the device:  python run_kit.py KIT_DIR [--threads N] [--out measurements.json]
+(a calibration kit from ``edgeslim calibrate --kit``, or a check kit from ``edgeslim check-latency --kit``)
 """
 
 from __future__ import annotations
@@ -276,6 +277,48 @@ def measure_files(paths: Sequence[str], threads: int, seeds: Sequence[int], prot
     return out
 
 
+def pool_sessions(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One model timed in several fresh sessions (results of :func:`measure_files` with
+    ``keep_times``): the median of the sessions' medians and the p95 over every run. On a shared
+    VM one session of a small model can sit 10-20 % off another (buffer placement), which one
+    long session cannot average out.
+
+    Example:
+        >>> r = pool_sessions([{"p50_ms": 1.0, "times_ms": [1.0] * 19 + [3.0], "io_bytes": 8},
+        ...                    {"p50_ms": 2.0, "times_ms": [2.0] * 20, "io_bytes": 8}])
+        >>> r["p50_ms"], r["p95_ms"], r["runs"], r["sessions"]
+        (1.5, 2.0, 40, 2)
+    """
+    arr = np.concatenate([np.asarray(r["times_ms"], dtype=float) for r in results])
+    return {"p50_ms": float(np.median([r["p50_ms"] for r in results])), "p95_ms": float(np.percentile(arr, 95)),
+            "mean_ms": float(arr.mean()), "runs": int(len(arr)), "rejected": 0,
+            "io_bytes": results[0].get("io_bytes", 0), "sessions": len(results)}
+
+
+def run_check(entries: Sequence[Mapping[str, Any]], paths: Sequence[str], threads: int,
+              protocol: dict[str, float] | None, check_protocol: dict[str, float],
+              progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Time a check kit (written by ``edgeslim check-latency --kit``) as check-latency times
+    candidates on the workstation: each candidate entry alone, in ``sessions`` fresh sessions
+    pooled by :func:`pool_sessions` under ``check_protocol``; the reference kernels between them
+    under the calibration ``protocol``. No stretch is measured again: a check records the device
+    as it ran, and the reference timings around each candidate tell its drift apart.
+    """
+    results: list[dict[str, Any]] = []
+    for a, b in group_spans([e.get("group", i) for i, e in enumerate(entries)]):
+        if "candidate" in entries[a]:
+            if b != a + 1:
+                raise ValueError(f"check kit entry {a}: a candidate is timed alone, not in a group of {b - a}")
+            n = max(int(entries[a].get("sessions", 1)), 1)
+            got = measure_files([paths[a]] * n, threads, list(range(n)), check_protocol, keep_times=True)
+            results.append(pool_sessions(got))
+        else:
+            results += measure_files(list(paths[a:b]), threads, list(range(a, b)), protocol)
+        if progress:
+            progress(b, len(paths))
+    return results
+
+
 def run_models(paths: list[str], threads: int, protocol: dict[str, float] | None = None,
                energy_reader: Any = None, progress: Any = None, groups: Sequence[Any] | None = None
                ) -> list[dict[str, Any]]:
@@ -359,10 +402,25 @@ def _kit_main(argv: list[str] | None = None) -> int:
         return 2
     paths = [str(kit / e["file"]) for e in manifest["entries"]]
     t0 = time.time()
+    check = manifest.get("purpose") == "check"
 
     def progress(done: int, total: int) -> None:
         eta = (time.time() - t0) / done * (total - done)
-        print(f"\r{done}/{total} micro-models  ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+        print(f"\r{done}/{total} {'models' if check else 'micro-models'}  ETA {eta:.0f}s", end="",
+              file=sys.stderr, flush=True)
+
+    if check:
+        results = run_check(manifest["entries"], paths, threads, manifest.get("protocol"),
+                            manifest["check_protocol"], progress)
+        print(file=sys.stderr)
+        out = {key: manifest[key] for key in ("kit_version", "kit_id", "purpose", "device", "profile_id",
+                                               "candidates", "check_protocol")}
+        out.update({"facts": device_facts(threads), "protocol": {**PROTOCOL, **manifest.get("protocol", {})},
+                    "entries": [{**e, **r} for e, r in zip(manifest["entries"], results)]})
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.out}; copy it back and run: edgeslim check-latency --device {manifest['device']} "
+              f"--measured {args.out}")
+        return 0
 
     results = run_models(paths, threads, manifest.get("protocol"), progress=progress,
                          groups=[e.get("group", i) for i, e in enumerate(manifest["entries"])])

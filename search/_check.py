@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
-from edgeslim.objectives import DeviceProfile, Kernel, build_artifact, measure_latency
-from edgeslim.objectives._calibrate import measure_reference, reference_from, speed_ratio
+from edgeslim.objectives import DeviceProfile, Kernel, _runner, build_artifact, measure_latency
+from edgeslim.objectives._calibrate import REFERENCE_KERNELS, measure_reference, micro_model, reference_from, speed_ratio
 from edgeslim.search._workloads import DigitsCNN, DigitsResNet
 from edgeslim.spaces import CompressionSpace, Plan, RuleSet, SpecError, layer_bits
 
 __all__ = ["CheckRow", "CheckSummary", "FOCUS_PLANS", "VALIDATION_WORKLOADS", "check_latency", "focus_networks",
-           "random_plan", "summarize", "workload_kernels"]
+           "random_plan", "rows_from_measurements", "sampled_candidates", "summarize", "workload_kernels",
+           "write_check_kit"]
 
 # fresh sessions each candidate is timed in (median of their medians; see measure_latency)
 CHECK_SESSIONS = 3
+# how each of those sessions times a candidate, here and in check kits
+CHECK_TIMING = {"warmup": 20, "min_runs": 10, "max_runs": 2000, "budget_s": 0.3}
 # random plans per target model whose kernels a focused calibration measures (beside the dense
 # and uniform int8/int4 presets), by calibration mode: at least `min`, then more while the
 # target's extraction time stays under `seconds` (small models get many plans, large ones few)
@@ -145,14 +152,13 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
     (``CheckRow.speed``): drift of the device, told apart from error of the model.
     """
     assert profile.latency_model is not None
-    rng = np.random.default_rng(seed)
     rows: list[CheckRow] = []
     files: list[tuple[Path, tuple[int, ...]]] = []
     total = samples_per_workload * len(workloads) * (2 if repeat else 1)
     n_threads = threads or profile.threads
 
     def measure(path: Path, shape: tuple[int, ...]) -> tuple[float, float]:
-        got = measure_latency(path, shape, threads=n_threads, budget_s=0.3, min_runs=10, sessions=CHECK_SESSIONS)
+        got = measure_latency(path, shape, threads=n_threads, sessions=CHECK_SESSIONS, **CHECK_TIMING)
         return got.p50_ms, got.p95_ms
 
     timings: list[list[float]] = []
@@ -161,26 +167,15 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
             if reference:
                 timings.append(measure_reference(n_threads, Path(tmp)))
 
-        for w in workloads:
-            factory, shape = VALIDATION_WORKLOADS[w]
-            torch.manual_seed(seed)
-            base = factory().eval()
-            x = torch.randn(shape)
-            space = CompressionSpace.build(base, x)
-            dists = space.distributions()
-            for i in range(samples_per_workload):
-                drawn = random_plan(space, rng, dists)  # drawn for the dense one too: seeds keep their plans
-                plan = drawn if i else space.dense_plan()
-                model = space.realize(base, plan, reduce_range=profile.int8_reduce_range)
-                path = _export_candidate(model, x, Path(tmp), f"{w}-{i}")
-                predicted, predicted_p95, _ = profile.latency_model.predict_module(model, x)
-                time_reference()
-                p50, p95 = measure(path, shape)
-                rows.append(CheckRow(w, plan.summary(), predicted, p50, predicted_p95_ms=predicted_p95,
-                                     measured_p95_ms=p95))
-                files.append((path, shape))
-                if progress:
-                    progress(len(rows), total)
+        for w, plan, model, x, path in sampled_candidates(profile, samples_per_workload, seed, workloads, Path(tmp)):
+            predicted, predicted_p95, _ = profile.latency_model.predict_module(model, x)
+            time_reference()
+            p50, p95 = measure(path, tuple(x.shape))
+            rows.append(CheckRow(w, plan.summary(), predicted, p50, predicted_p95_ms=predicted_p95,
+                                 measured_p95_ms=p95))
+            files.append((path, tuple(x.shape)))
+            if progress:
+                progress(len(rows), total)
         time_reference()
         if reference:
             rows = [dataclasses.replace(r, speed=speed_ratio(reference_from(a, b), reference))
@@ -190,6 +185,142 @@ def check_latency(profile: DeviceProfile, samples_per_workload: int, seed: int =
                 rows[i] = dataclasses.replace(rows[i], remeasured_ms=measure(path, shape)[0])
                 if progress:
                     progress(len(rows) + i + 1, total)
+    return rows
+
+
+def sampled_candidates(profile: DeviceProfile, samples_per_workload: int, seed: int, workloads: Sequence[str],
+                       workdir: Path) -> Iterator[tuple[str, Plan, nn.Module, torch.Tensor, Path]]:
+    """The candidates a check measures, exported into ``workdir``: per workload the dense plan,
+    then random plans, realized as ``profile``'s device runs them (its int8 range). One seed
+    gives the same plans here and in a check kit.
+
+    Example:
+        >>> [w for w, *_ in sampled_candidates(profile, 2, 0, ["digits-cnn"], Path(tmp))]  # doctest: +SKIP
+        ['digits-cnn', 'digits-cnn']
+    """
+    rng = np.random.default_rng(seed)
+    for w in workloads:
+        factory, shape = VALIDATION_WORKLOADS[w]
+        torch.manual_seed(seed)
+        base = factory().eval()
+        x = torch.randn(shape)
+        space = CompressionSpace.build(base, x)
+        dists = space.distributions()
+        for i in range(samples_per_workload):
+            drawn = random_plan(space, rng, dists)  # drawn for the dense one too: seeds keep their plans
+            plan = drawn if i else space.dense_plan()
+            model = space.realize(base, plan, reduce_range=profile.int8_reduce_range)
+            yield w, plan, model, x, _export_candidate(model, x, workdir, f"{w}-{i}")
+
+
+def write_check_kit(profile: DeviceProfile, kit_dir: Path, samples_per_workload: int, seed: int = 0,
+                    workloads: Sequence[str] = tuple(VALIDATION_WORKLOADS), repeat: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> Path:
+    """A check kit for a remote device: the sampled candidates as ONNX files, the reference
+    kernels, ``kit.json`` and the calibration kit's ``run_kit.py`` (Python, numpy, onnxruntime).
+
+    On the device, ``run_kit.py`` times the candidates as check-latency does here (each in
+    ``CHECK_SESSIONS`` fresh sessions, ``CHECK_TIMING``), the reference kernels before each and
+    after the last, and with ``repeat`` every candidate again at the end. Each candidate's
+    kernels, edges and input/output bytes travel in the manifest, so :func:`rows_from_measurements`
+    predicts with the profile as it is when the measurements come back.
+
+    Example:
+        >>> write_check_kit(profile, Path("check-kit"), 6)  # doctest: +SKIP
+    """
+    from edgeslim.objectives._kernels import extract_graph, io_bytes
+
+    assert profile.latency_model is not None
+    (kit_dir / "models").mkdir(parents=True, exist_ok=True)
+    for i, k in enumerate(REFERENCE_KERNELS):
+        onnx.save(micro_model(k), str(kit_dir / f"models/ref_{i}.onnx"))
+    candidates: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+
+    def time_reference() -> None:
+        g = f"r{len(entries)}"
+        entries.extend({"file": f"models/ref_{i}.onnx", "reference": i, "group": g}
+                       for i in range(len(REFERENCE_KERNELS)))
+
+    total = samples_per_workload * len(workloads)
+    with tempfile.TemporaryDirectory(prefix="edgeslim-check-kit-") as tmp:
+        for w, plan, model, x, path in sampled_candidates(profile, samples_per_workload, seed, workloads, Path(tmp)):
+            kernels, edges = extract_graph(model, x)
+            io = io_bytes(kernels, x)
+            p50, p95 = profile.latency_model.predict(kernels, io, edges)
+            j = len(candidates)
+            name = f"models/cand_{j:03d}.onnx"
+            shutil.copyfile(path, kit_dir / name)
+            candidates.append({"workload": w, "plan": plan.summary(), "input_shape": list(x.shape),
+                               "kernels": [dataclasses.asdict(k) for k in kernels], "edges": [list(e) for e in edges],
+                               "io_bytes": io, "predicted_ms": p50, "predicted_p95_ms": p95})
+            time_reference()
+            entries.append({"file": name, "candidate": j, "sessions": CHECK_SESSIONS, "group": f"c{j}"})
+            if progress:
+                progress(j + 1, total)
+    time_reference()
+    if repeat:
+        entries.extend({"file": f"models/cand_{j:03d}.onnx", "candidate": j, "repeat": True,
+                        "sessions": CHECK_SESSIONS, "group": f"c{j}r"} for j in range(len(candidates)))
+    kit_id = hashlib.sha256(json.dumps([candidates, entries], sort_keys=True).encode()).hexdigest()[:12]
+    manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, "purpose": "check", "device": profile.name,
+                "profile_id": profile.profile_id, "threads": profile.threads, "seed": seed,
+                "protocol": _runner.PROTOCOL,
+                # every run kept (no spike dropped), as check-latency measures here
+                "check_protocol": {**CHECK_TIMING, "spike_factor": 1e9, "rounds": _runner.PROTOCOL["rounds"]},
+                "candidates": candidates, "entries": entries}
+    (kit_dir / "kit.json").write_text(json.dumps(manifest, indent=1))
+    shutil.copyfile(_runner.__file__, kit_dir / "run_kit.py")
+    return kit_dir
+
+
+def rows_from_measurements(profile: DeviceProfile, data: Mapping[str, Any],
+                           reference: Sequence[float] | None = None) -> list[CheckRow]:
+    """Check rows from a check kit's ``measurements.json`` content: each candidate predicted
+    now by ``profile`` (from the kernels, edges and bytes the kit carries) against its time on
+    the device; ``speed`` from the reference timings around it against ``reference`` (the
+    profile's), and ``remeasured_ms`` where the kit timed the candidate again.
+
+    Raises :class:`SpecError` for measurements that are not a check kit's, or that lack a result.
+
+    Example:
+        >>> rows = rows_from_measurements(profile, json.loads(Path("measurements.json").read_text()))  # doctest: +SKIP
+    """
+    assert profile.latency_model is not None
+    if data.get("purpose") != "check":
+        raise SpecError("these measurements come from a calibration kit; fit them with `edgeslim calibrate --fit`, "
+                        "or write a check kit with `edgeslim check-latency --kit DIR`")
+    entries = list(data.get("entries") or [])
+    candidates = list(data.get("candidates") or [])
+    for i, e in enumerate(entries):
+        if "p50_ms" not in e or ("candidate" in e and not 0 <= int(e["candidate"]) < len(candidates)):
+            raise SpecError(f"measurements.entries[{i}] has no result or names no candidate of the kit; "
+                            "run the kit's run_kit.py again")
+    first: dict[int, int] = {}
+    again: dict[int, float] = {}
+    for i, e in enumerate(entries):
+        if "candidate" in e:
+            if e.get("repeat"):
+                again[int(e["candidate"])] = float(e["p50_ms"])
+            else:
+                first.setdefault(int(e["candidate"]), i)
+    missing = [j for j in range(len(candidates)) if j not in first]
+    if missing:
+        raise SpecError(f"measurements lack candidates {missing}; run the kit's run_kit.py again")
+    timings = [(pos, [float(entries[j]["p50_ms"]) for _, j in sorted(run.items())])
+               for pos, run in _runner.reference_timings(entries)]
+    rows = []
+    for j, c in enumerate(candidates):
+        kernels = [Kernel(**k) for k in c["kernels"]]
+        p50, p95 = profile.latency_model.predict(kernels, float(c["io_bytes"]), [tuple(e) for e in c["edges"]])
+        e = entries[first[j]]
+        speed = None
+        before = [t for pos, t in timings if pos <= first[j]]
+        after = [t for pos, t in timings if pos > first[j]]
+        if reference and before and after and len(before[-1]) == len(after[0]) == len(reference):
+            speed = speed_ratio(reference_from(before[-1], after[0]), reference)
+        rows.append(CheckRow(c["workload"], c["plan"], p50, float(e["p50_ms"]), remeasured_ms=again.get(j),
+                             speed=speed, predicted_p95_ms=p95, measured_p95_ms=float(e["p95_ms"])))
     return rows
 
 

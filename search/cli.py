@@ -166,7 +166,9 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
     if targets and args.fit:
         raise ProfileError("--for chooses what a calibration measures; with --fit the kit already did "
                            "(pass --for when writing the kit)")
-    if not args.kit:
+    if args.kit:
+        fresh_dir(Path(args.kit), "--kit")
+    else:
         if not args.device:
             raise ProfileError("calibrate needs --device NAME (or --kit DIR to calibrate a remote device)")
         if args.device == "local":
@@ -332,32 +334,105 @@ def remeasure_line(r: dict[str, Any]) -> str:
             f"{r['replaced']} new results kept")
 
 
+def fresh_dir(path: Path, flag: str) -> None:
+    """Refuse to write a kit into a folder that holds files already (nothing stored is overwritten).
+
+    Example:
+        >>> fresh_dir(Path("no-such-folder-here"), "--kit")
+    """
+    from edgeslim.spaces import SpecError
+
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise SpecError(f"{flag} {str(path)!r} exists and is not an empty folder; name a new folder "
+                        "(nothing is overwritten)")
+
+
 def cmd_check_latency(args: argparse.Namespace) -> int:
-    """Compare a profile's predictions with latency measured here on random candidates."""
+    """Compare a profile's predictions with latency measured here on random candidates, or on a
+    remote device through a check kit (``--kit`` writes it, ``--measured`` reads its results)."""
     from edgeslim.objectives import _calibrate, _runner, load_device
-    from edgeslim.search._check import VALIDATION_WORKLOADS, check_latency, summarize
+    from edgeslim.search._check import (VALIDATION_WORKLOADS, check_latency, rows_from_measurements,
+                                        write_check_kit)
     from edgeslim.search._progress import Progress
     from edgeslim.spaces import SpecError
 
     profile = load_device(args.device, None, Path(args.devices_dir))
     if not profile.predicts_latency:
         raise SpecError("check-latency needs a calibrated profile; --device local measures, it does not predict")
+    if args.kit and args.measured:
+        raise SpecError("--kit writes a check kit and --measured reads its results: give one of them")
+    if args.measured:
+        fixed = [f for f, v in (("--samples", args.samples), ("--workloads", args.workloads),
+                                ("--threads", args.threads), ("--seed", args.seed), ("--repeat", args.repeat)) if v]
+        if fixed:
+            raise SpecError(f"{', '.join(fixed)}: the check kit fixed these when it was written; "
+                            "give them with --kit")
+    samples = 6 if args.samples is None else args.samples
+    if samples < 1:
+        raise SpecError(f"--samples {samples}: give at least 1 plan per workload")
     workloads = args.workloads.split(",") if args.workloads else list(VALIDATION_WORKLOADS)
     unknown = [w for w in workloads if w not in VALIDATION_WORKLOADS]
     if unknown:
         raise SpecError(f"unknown workloads {unknown}; choose from {list(VALIDATION_WORKLOADS)}")
-    other = foreign_device(profile.facts, _runner.device_facts(args.threads or profile.threads))
-    if other:
-        print(f"warning: check-latency measures on this machine, and it is not the one {profile.name!r} was "
-              f"calibrated on ({other}): the figures compare two devices; run it on the device itself",
-              file=sys.stderr)
-    bar = Progress(args.samples * len(workloads), "candidates")
-    bar.total *= 2 if args.repeat else 1
     reference = (profile.extra.get("reference") or {}).get("p50_ms")
     if reference and len(reference) != len(_calibrate.REFERENCE_KERNELS):
         reference = None
-    rows = check_latency(profile, args.samples, args.seed or 0, workloads, lambda d, t: bar.update(d),
-                         args.threads, args.repeat, reference)
+    if args.kit:
+        kit = Path(args.kit)
+        fresh_dir(kit, "--kit")
+        if args.threads and args.threads != profile.threads:
+            raise SpecError(f"--threads {args.threads}: a check kit measures with the profile's {profile.threads} "
+                            f"thread(s); run_kit.py --threads N on the device measures with another count")
+        bar = Progress(samples * len(workloads), "candidates exported")
+        write_check_kit(profile, kit, samples, args.seed or 0, workloads, args.repeat, lambda d, t: bar.update(d))
+        size = sum(f.stat().st_size for f in (kit / "models").glob("*.onnx")) / 2**20
+        print(f"wrote check kit {kit} ({samples * len(workloads)} candidates, {size:.0f} MiB) for profile "
+              f"{profile.name!r}. On the device it was calibrated on:\n"
+              f"  1. copy {kit} there; it needs Python 3, numpy and onnxruntime only\n"
+              f"  2. python {kit / 'run_kit.py'} {kit} --out check.json\n"
+              f"  3. back here: edgeslim check-latency --device {profile.name} --measured check.json")
+        return 0
+    if args.measured:
+        path = Path(args.measured)
+        if not path.is_file():
+            raise SpecError(f"measurements file {args.measured!r} does not exist; run the check kit's run_kit.py "
+                            "on the device first")
+        data = json.loads(path.read_text())
+        if data.get("kit_version") != _runner.KIT_VERSION:
+            raise SpecError(f"{args.measured!r} comes from kit version {data.get('kit_version')!r}, this edgeslim "
+                            f"reads version {_runner.KIT_VERSION}; write a new kit with `edgeslim check-latency --kit`")
+        rows = rows_from_measurements(profile, data, reference)
+        if data.get("device") != profile.name or data.get("profile_id") != profile.profile_id:
+            print(f"note: the kit was written for profile {data.get('device')!r} ({data.get('profile_id')}); "
+                  f"predicting with {profile.name!r} ({profile.profile_id})", file=sys.stderr)
+        facts = data.get("facts") or {}
+        other = foreign_device(profile.facts, facts)
+        if other:
+            print(f"warning: the kit ran on a machine that is not the one {profile.name!r} was calibrated on "
+                  f"({other}): the figures compare two devices", file=sys.stderr)
+        where = f"measured on {facts.get('cpu_model') or 'the device'} by a check kit"
+        threads = int(facts.get("threads") or profile.threads)
+        workloads = list(dict.fromkeys(r.workload for r in rows))
+    else:
+        other = foreign_device(profile.facts, _runner.device_facts(args.threads or profile.threads))
+        if other:
+            print(f"warning: check-latency measures on this machine, and it is not the one {profile.name!r} was "
+                  f"calibrated on ({other}): the figures compare two devices; run it on the device itself, "
+                  f"or write a check kit for it with --kit", file=sys.stderr)
+        bar = Progress(samples * len(workloads), "candidates")
+        bar.total *= 2 if args.repeat else 1
+        rows = check_latency(profile, samples, args.seed or 0, workloads, lambda d, t: bar.update(d),
+                             args.threads, args.repeat, reference)
+        where, threads = "measured here", args.threads or profile.threads
+    return _report_check(profile, rows, workloads, where, threads, args.format)
+
+
+def _report_check(profile: Any, rows: Sequence[Any], workloads: Sequence[str], where: str, threads: int,
+                  fmt: str) -> int:
+    """Print check-latency's table (or JSON): overall and per workload, drift-scaled, p95, repeats, worst cases."""
+    from edgeslim.objectives import _calibrate
+    from edgeslim.search._check import summarize
+
     summary = summarize(rows)
     # how much slower (>1) the reference kernels ran around each measurement than during
     # calibration, and what the predictions score scaled by it: drift of the device, not error of the model
@@ -365,14 +440,14 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
     ratio = _calibrate.speed_ratio(speeds, [1.0] * len(speeds)) if speeds else None
     scaled = summarize([dataclasses.replace(r, predicted_ms=r.predicted_ms * r.speed) for r in rows]) \
         if speeds and len(speeds) == len(rows) else None
-    if args.format == "json":
-        print(json.dumps({"device": profile.name, "profile_id": profile.profile_id,
+    if fmt == "json":
+        print(json.dumps({"device": profile.name, "profile_id": profile.profile_id, "measured": where,
                           "rows": [dataclasses.asdict(r) for r in rows], "summary": summary.to_dict(),
                           "speed_ratio": ratio, "summary_drift_scaled": scaled.to_dict() if scaled else None},
                          indent=2))
         return 0
-    print(f"device {profile.name} ({profile.profile_id}), calibrated with {profile.threads} thread(s); measured here "
-          f"with {args.threads or profile.threads} thread(s), same protocol")
+    print(f"device {profile.name} ({profile.profile_id}), calibrated with {profile.threads} thread(s); {where} "
+          f"with {threads} thread(s), same protocol")
     print(f"{'workload':<18} {'n':>3} {'within ±10%':>12} {'MAPE':>7}")
     for w in workloads:
         s = summarize([r for r in rows if r.workload == w])
@@ -381,7 +456,7 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
           f"Spearman {summary.spearman:.3f}")
     if ratio is not None and scaled is not None:
         lo, hi = min(speeds), max(speeds)
-        print(f"reference kernels ran {abs(ratio - 1):.1%} {'slower' if ratio >= 1 else 'faster'} here than during "
+        print(f"reference kernels ran {abs(ratio - 1):.1%} {'slower' if ratio >= 1 else 'faster'} than during "
               f"calibration ({lo - 1:+.1%} to {hi - 1:+.1%} around the candidates); predictions scaled by that "
               f"drift: {scaled.within_10pct:.0%} within ±10%, MAPE {scaled.mape:.1%} (the model's own error; "
               f"recalibrate when the drift is large)")
@@ -563,11 +638,14 @@ def _build_parser() -> argparse.ArgumentParser:
             continue
         if name == "check-latency":
             p.add_argument("--device", required=True, help="calibrated profile to check")
-            p.add_argument("--samples", type=int, default=6, help="random plans per workload (default 6)")
+            p.add_argument("--samples", type=int, help="random plans per workload (default 6)")
             p.add_argument("--workloads", help="comma-separated subset of the validation workloads")
             p.add_argument("--threads", type=int, help="measure with this many threads (default: the profile's)")
             p.add_argument("--repeat", action="store_true",
                            help="time every file a second time at the end, to show this machine's measurement noise")
+            p.add_argument("--kit", metavar="DIR", help="write a check kit for the profile's (remote) device here "
+                           "instead of measuring on this machine")
+            p.add_argument("--measured", metavar="FILE", help="report on a check kit's measurements.json from the device")
             p.add_argument("--devices-dir", default="studies/devices")
             p.add_argument("--seed", type=int)
             p.add_argument("--format", choices=["table", "json"], default="table")

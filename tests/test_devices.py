@@ -747,3 +747,70 @@ def test_calibrate_for_bad_targets(tmp_path, capsys):
                  "--devices-dir", str(tmp_path)]) == 2
     assert "--for" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_check_kit_round_trip_matches_the_local_check(tmp_path, capsys):
+    """check-latency --kit writes what a remote device needs; its results come back through
+    --measured with the same plans and predictions as a check measured here."""
+    model = _cover_digits_cnn()
+    then = [2 * t for t in _calibrate.measure_reference(1, tmp_path)]  # the device ~2x faster now
+    DeviceProfile(name="cover", threads=1, latency_model=model, facts=_runner.device_facts(1), profile_id="c1",
+                  extra={"reference": {"p50_ms": then}}).save(tmp_path / "cover.json")
+    common = ["--device", "cover", "--devices-dir", str(tmp_path)]
+    kit = tmp_path / "kit"
+    assert main(["check-latency", *common, "--workloads", "digits-cnn", "--samples", "2", "--repeat",
+                 "--kit", str(kit)]) == 0
+    assert "--measured check.json" in capsys.readouterr().out  # the three steps
+    manifest = json.loads((kit / "kit.json").read_text())
+    assert manifest["purpose"] == "check" and manifest["device"] == "cover" and (kit / "run_kit.py").is_file()
+    entries = manifest["entries"]
+    # the reference kernels before each candidate and after the last, then each candidate again
+    shape = "".join("r" if "reference" in e else ("R" if e.get("repeat") else "c") for e in entries)
+    n_ref = len(_calibrate.REFERENCE_KERNELS)
+    assert shape == ("r" * n_ref + "c") * 2 + "r" * n_ref + "RR"
+    assert all((kit / e["file"]).is_file() for e in entries)
+    # the same plans and predictions as check-latency measuring here with the same seed
+    assert main(["check-latency", *common, "--workloads", "digits-cnn", "--samples", "2", "--format", "json"]) == 0
+    local = json.loads(capsys.readouterr().out)["rows"]
+    cands = manifest["candidates"]
+    assert [c["plan"] for c in cands] == [r["plan"] for r in local]
+    assert [c["predicted_ms"] for c in cands] == pytest.approx([r["predicted_ms"] for r in local], rel=1e-12)
+    out = tmp_path / "check.json"
+    assert _runner._kit_main([str(kit), "--out", str(out)]) == 0
+    assert "--measured" in capsys.readouterr().out
+    assert main(["check-latency", *common, "--measured", str(out), "--format", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    rows = got["rows"]
+    assert [r["plan"] for r in rows] == [c["plan"] for c in cands]
+    assert [r["predicted_ms"] for r in rows] == pytest.approx([c["predicted_ms"] for c in cands], rel=1e-12)
+    assert all(r["measured_p95_ms"] >= r["measured_ms"] > 0 and r["remeasured_ms"] > 0 for r in rows)
+    assert all(0.3 < r["speed"] < 0.8 for r in rows)  # the reference timings around each candidate
+    data = json.loads(out.read_text())
+    timed = [e for e in data["entries"] if "candidate" in e]
+    assert all(e["sessions"] == 3 and e["runs"] >= 3 * 10 for e in timed)  # CHECK_SESSIONS x min_runs
+    # the table names the device the kit ran on
+    assert main(["check-latency", *common, "--measured", str(out)]) == 0
+    assert "by a check kit" in capsys.readouterr().out
+    # measured on another machine: a warning naming both
+    data["facts"] = {**data["facts"], "cpu_model": "Cortex-A76"}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    assert main(["check-latency", *common, "--measured", str(other)]) == 0
+    assert "CPU" in capsys.readouterr().err
+    # bad input: one clear error each, exit 2, nothing overwritten
+    before = (kit / "kit.json").read_text()
+    assert main(["check-latency", *common, "--kit", str(kit)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err and (kit / "kit.json").read_text() == before
+    assert main(["calibrate", "--kit", str(kit)]) == 2
+    assert (kit / "kit.json").read_text() == before
+    assert main(["check-latency", *common, "--measured", str(out), "--samples", "3"]) == 2
+    assert "--samples" in capsys.readouterr().err
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps({"kit_version": _runner.KIT_VERSION, "entries": []}))
+    assert main(["check-latency", *common, "--measured", str(calib)]) == 2
+    assert "calibration kit" in capsys.readouterr().err
+    data["entries"] = [e for e in data["entries"] if e.get("candidate") != 1]
+    other.write_text(json.dumps(data))
+    assert main(["check-latency", *common, "--measured", str(other)]) == 2
+    assert "lack candidates [1]" in capsys.readouterr().err
+    assert main(["check-latency", *common, "--measured", str(tmp_path / "none.json")]) == 2
