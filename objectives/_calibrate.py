@@ -418,6 +418,25 @@ def design(types: Sequence[str], per_type: int, seed: int) -> list[Kernel]:
     return [random_kernel(t, rng) for t in types for _ in range(per_type)]
 
 
+def measuring_order(kernels: Sequence[Kernel], seed: int) -> list[Kernel]:
+    """``kernels`` in the random order calibration measures them in.
+
+    A shared VM holds one speed state for seconds to minutes and then moves 10-20 % (on the
+    development VM the same 160 small kernels, timed three times within four minutes, came out
+    at 0.84-1.18x their calibrated times per stretch of 20, but within 5-12 % of each other inside
+    a stretch). Measured in a row, one type's kernels, or one network's focus kernels, would all
+    carry the state of their stretch, and a network's prediction its error whole; in random
+    order each kernel samples its own moment and the errors average out over a network's sum.
+
+    Example:
+        >>> ks = design(["gemm@32"], 5, 0)
+        >>> sorted(map(repr, measuring_order(ks, 0))) == sorted(map(repr, ks))
+        True
+    """
+    order = np.random.default_rng(seed + 3).permutation(len(kernels))
+    return [kernels[i] for i in order]
+
+
 @dataclasses.dataclass
 class CalibrationResult:
     """Measurements and the fitted model of one calibration run."""
@@ -634,7 +653,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
 
     with tempfile.TemporaryDirectory(prefix="edgeslim-cal-") as tmp:
         work = Path(tmp)
-        kernels = design(types, per_type, seed) + list(focus)
+        kernels = measuring_order(design(types, per_type, seed) + list(focus), seed)
         meas = _measure(kernels, threads, work, 0, tick, energy_reader, track)
         # chains first: their kernels, measured alone too, join the kernel design
         units = [_Unit([functools.partial(micro_model, k)], [m]) for k, m in zip(kernels, meas)]
@@ -814,7 +833,7 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
     end. Entries with the same ``group`` are timed together, interleaved.
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
-    kernels = design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed) + list(focus)
+    kernels = measuring_order(design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed) + list(focus), seed)
     kit_dir.mkdir(parents=True, exist_ok=True)
     (kit_dir / "models").mkdir(exist_ok=True)
     entries: list[dict[str, Any]] = []
