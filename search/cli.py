@@ -221,6 +221,9 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
         import json
 
         data = json.loads(path.read_text())
+        if data.get("purpose") == "check":
+            raise ProfileError(f"{args.fit!r} holds a check kit's measurements, not a calibration's; report on them "
+                               f"with `edgeslim check-latency --device {data.get('device', 'NAME')} --measured {args.fit}`")
         if data.get("kit_version") != _runner.KIT_VERSION:
             raise ProfileError(f"{args.fit!r} comes from kit version {data.get('kit_version')!r}, this edgeslim "
                                f"reads version {_runner.KIT_VERSION}; write a new kit with `edgeslim calibrate --kit`")

@@ -814,3 +814,6 @@ def test_check_kit_round_trip_matches_the_local_check(tmp_path, capsys):
     assert main(["check-latency", *common, "--measured", str(other)]) == 2
     assert "lack candidates [1]" in capsys.readouterr().err
     assert main(["check-latency", *common, "--measured", str(tmp_path / "none.json")]) == 2
+    assert main(["calibrate", "--fit", str(out), "--device", "x", "--devices-dir", str(tmp_path)]) == 2
+    assert "check-latency --device cover --measured" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
