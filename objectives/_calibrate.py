@@ -793,8 +793,9 @@ def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: i
 
 def _fit_chains(model: LatencyModel, chains: Sequence[dict[str, Any]]) -> None:
     """Fit the boundary savings from chain records and whole-network records (``network``: a
-    focus model's candidate with its kernels and edges), each against its own lone kernels."""
-    rows = []
+    focus model's candidate with its kernels and edges), each against its own lone kernels, and
+    the tail mix (:meth:`LatencyModel.fit_tail`) from their p95/p50 ratios."""
+    rows, tails, nets = [], [], []
     for c in chains:
         if "network" in c:
             ks = [Kernel(**k) for k in c["network"]["kernels"]]
@@ -808,7 +809,13 @@ def _fit_chains(model: LatencyModel, chains: Sequence[dict[str, Any]]) -> None:
             lone_ms = None if not lone else sum(float(m["p50_ms"]) - model.overhead_ms(float(m["io_bytes"]))
                                                 for m in lone)
             rows.append((ks, edges, float(c["p50_ms"]), float(c["io_bytes"]), lone_ms))
+            if float(c.get("p95_ms", 0.0)) > float(c["p50_ms"]) > 0:
+                (nets if "network" in c else tails).append((ks, float(c["p50_ms"]), float(c["p95_ms"]),
+                                                            float(c["io_bytes"])))
     model.fit_boundaries(rows)
+    # how kernels' slow runs add up in an inference: from whole networks where the calibration
+    # measured some (short chains' tails coincide more than a network's many kernels' do)
+    model.fit_tail(nets if len(nets) >= 3 else tails + nets)
 
 
 def network_record(net: Mapping[str, Any]) -> dict[str, Any]:

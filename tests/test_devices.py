@@ -817,3 +817,35 @@ def test_check_kit_round_trip_matches_the_local_check(tmp_path, capsys):
     assert main(["calibrate", "--fit", str(out), "--device", "x", "--devices-dir", str(tmp_path)]) == 2
     assert "check-latency --device cover --measured" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("truth", [0.0, 0.3, 1.0])
+def test_tail_mix_is_recovered_from_measured_p95(truth):
+    """A network's p95 combines its kernels' tails between their sum (slow runs coincide) and
+    their root sum of squares (independent); fit_tail recovers the mix from p95/p50 ratios."""
+    model = _cover_digits_cnn()
+    rng = np.random.default_rng(3)
+    types = ("conv_kxk@32", "conv_pw@8", "gemm@32", "pool@32", "gpool@32", "conv_kxk@4")
+    nets = []
+    for _ in range(8):
+        ks = [_calibrate.random_kernel(types[int(rng.integers(len(types)))], rng)
+              for _ in range(int(rng.integers(3, 12)))]
+        per = model.predict_kernels(ks)
+        over = model.overhead_ms(1000.0)
+        tails = np.array([q - p for p, q in per] + [over * (model.overhead_p95_ratio_ - 1)])
+        p50 = over + sum(p for p, _ in per)
+        p95 = p50 + truth * tails.sum() + (1 - truth) * np.sqrt((tails ** 2).sum())
+        nets.append((ks, p50, p95, 1000.0))
+    assert model.fit_tail(nets).tail_mix_ == pytest.approx(truth, abs=1e-9)
+    ks, p50, p95, io = nets[0]
+    assert model.predict(ks, io) == pytest.approx((p50, p95), rel=1e-9)
+    # the mix travels in the profile; one without it (written before it was fitted) adds every tail
+    d = model.to_dict()
+    assert LatencyModel.from_dict(d).predict(ks, io) == pytest.approx((p50, p95), rel=1e-9)
+    del d["tail_mix"]
+    old = LatencyModel.from_dict(d)
+    summed = old.overhead_ms(io) * old.overhead_p95_ratio_ + sum(q for _, q in old.predict_kernels(ks))
+    assert old.tail_mix_ == 1.0 and old.predict(ks, io)[1] == pytest.approx(summed, rel=1e-9)
+    d["tail_mix"] = 1.5
+    with pytest.raises(ValueError, match="tail_mix"):
+        LatencyModel.from_dict(d)
