@@ -303,6 +303,12 @@ def run_check(entries: Sequence[Mapping[str, Any]], paths: Sequence[str], thread
     pooled by :func:`pool_sessions` under ``check_protocol``; the reference kernels between them
     under the calibration ``protocol``. No stretch is measured again: a check records the device
     as it ran, and the reference timings around each candidate tell its drift apart.
+
+    Example:
+        >>> m = json.loads(Path("check-kit/kit.json").read_text())  # doctest: +SKIP
+        >>> run_check(m["entries"], [f"check-kit/{e['file']}" for e in m["entries"]], 1,
+        ...           m["protocol"], m["check_protocol"])[0]["p50_ms"]  # doctest: +SKIP
+        1.52
     """
     results: list[dict[str, Any]] = []
     for a, b in group_spans([e.get("group", i) for i, e in enumerate(entries)]):
