@@ -829,6 +829,34 @@ def _load(path: str, seed: int) -> onnx.ModelProto:
 
 
 # ---- remote kits -----------------------------------------------------------------------------
+def start_kit(kit_dir: Path) -> None:
+    """Make a kit's ``models/`` folder and write the reference kernels' micro-models into it
+    (``models/ref_I.onnx``; :func:`reference_entries` times them)."""
+    (kit_dir / "models").mkdir(parents=True, exist_ok=True)
+    for i, k in enumerate(REFERENCE_KERNELS):
+        onnx.save(micro_model(k), str(kit_dir / f"models/ref_{i}.onnx"))
+
+
+def reference_entries(group: str) -> list[dict[str, Any]]:
+    """Kit entries that time the reference kernels once, together as ``group``.
+
+    Example:
+        >>> [e["file"] for e in reference_entries("g1")][:2]
+        ['models/ref_0.onnx', 'models/ref_1.onnx']
+    """
+    return [{"file": f"models/ref_{i}.onnx", "reference": i, "group": group} for i in range(len(REFERENCE_KERNELS))]
+
+
+def seal_kit(kit_dir: Path, identity: Any, fields: Mapping[str, Any]) -> Path:
+    """Write ``kit.json`` (kit version, an id hashed from ``identity``, then ``fields``) and copy
+    the runner in as ``run_kit.py``; returns ``kit_dir``."""
+    kit_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, **fields}
+    (kit_dir / "kit.json").write_text(json.dumps(manifest, indent=1))
+    shutil.copyfile(_runner.__file__, kit_dir / "run_kit.py")
+    return kit_dir
+
+
 def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, focus: Sequence[Kernel] = (),
               focus_info: Mapping[str, Any] | None = None, networks: Sequence[Mapping[str, Any]] = ()) -> Path:
     """A self-contained kit: micro-models, ``kit.json`` and ``run_kit.py`` (numpy + onnxruntime).
@@ -841,12 +869,8 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
     """
     per_type, rounds, n_val, n_nb = MODES[mode]
     kernels = measuring_order(design(KERNEL_TYPES, per_type + rounds * (n_val + n_nb), seed) + list(focus), seed)
-    kit_dir.mkdir(parents=True, exist_ok=True)
-    (kit_dir / "models").mkdir(exist_ok=True)
+    start_kit(kit_dir)
     entries: list[dict[str, Any]] = []
-
-    for i, k in enumerate(REFERENCE_KERNELS):
-        onnx.save(micro_model(k), str(kit_dir / f"models/ref_{i}.onnx"))
     for i, k in enumerate(io_kernels()):
         onnx.save(micro_model(k), str(kit_dir / f"models/io_{i}.onnx"))
     since = 0
@@ -862,8 +886,7 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
         nonlocal since
         if force or since >= TRACK_EVERY:
             g = new_group()
-            entries.extend({"file": f"models/ref_{i}.onnx", "reference": i, "group": g}
-                           for i in range(len(REFERENCE_KERNELS)))
+            entries.extend(reference_entries(g))
             entries.extend({"file": f"models/io_{i}.onnx", "kernel": dataclasses.asdict(k), "group": g}
                            for i, k in enumerate(io_kernels()))
             since = 0
@@ -904,12 +927,8 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
                        [dataclasses.replace(k, layer="") for k in net["kernels"]],
                        lambda p, net=net: shutil.copyfile(net["path"], p))
     time_reference(force=True)
-    kit_id = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12]
-    manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, "mode": mode, "threads": threads,
-                "protocol": _runner.PROTOCOL, "entries": entries, **({"focus": dict(focus_info)} if focus_info else {})}
-    (kit_dir / "kit.json").write_text(json.dumps(manifest, indent=1))
-    shutil.copyfile(_runner.__file__, kit_dir / "run_kit.py")
-    return kit_dir
+    return seal_kit(kit_dir, entries, {"mode": mode, "threads": threads, "protocol": _runner.PROTOCOL,
+                                       "entries": entries, **({"focus": dict(focus_info)} if focus_info else {})})
 
 
 def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:

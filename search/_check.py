@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -13,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from edgeslim.objectives import DeviceProfile, Kernel, _runner, build_artifact, measure_latency
-from edgeslim.objectives._calibrate import REFERENCE_KERNELS, measure_reference, micro_model, reference_from, speed_ratio
+from edgeslim.objectives._calibrate import (measure_reference, reference_entries, reference_from, seal_kit, speed_ratio,
+                                            start_kit)
 from edgeslim.search._workloads import DigitsCNN, DigitsResNet
 from edgeslim.spaces import CompressionSpace, Plan, RuleSet, SpecError, layer_bits
 
@@ -231,16 +229,12 @@ def write_check_kit(profile: DeviceProfile, kit_dir: Path, samples_per_workload:
     from edgeslim.objectives._kernels import extract_graph, io_bytes
 
     assert profile.latency_model is not None
-    (kit_dir / "models").mkdir(parents=True, exist_ok=True)
-    for i, k in enumerate(REFERENCE_KERNELS):
-        onnx.save(micro_model(k), str(kit_dir / f"models/ref_{i}.onnx"))
+    start_kit(kit_dir)
     candidates: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
 
     def time_reference() -> None:
-        g = f"r{len(entries)}"
-        entries.extend({"file": f"models/ref_{i}.onnx", "reference": i, "group": g}
-                       for i in range(len(REFERENCE_KERNELS)))
+        entries.extend(reference_entries(f"r{len(entries)}"))
 
     total = samples_per_workload * len(workloads)
     with tempfile.TemporaryDirectory(prefix="edgeslim-check-kit-") as tmp:
@@ -262,16 +256,12 @@ def write_check_kit(profile: DeviceProfile, kit_dir: Path, samples_per_workload:
     if repeat:
         entries.extend({"file": f"models/cand_{j:03d}.onnx", "candidate": j, "repeat": True,
                         "sessions": CHECK_SESSIONS, "group": f"c{j}r"} for j in range(len(candidates)))
-    kit_id = hashlib.sha256(json.dumps([candidates, entries], sort_keys=True).encode()).hexdigest()[:12]
-    manifest = {"kit_version": _runner.KIT_VERSION, "kit_id": kit_id, "purpose": "check", "device": profile.name,
-                "profile_id": profile.profile_id, "threads": profile.threads, "seed": seed,
-                "protocol": _runner.PROTOCOL,
-                # every run kept (no spike dropped), as check-latency measures here
-                "check_protocol": {**CHECK_TIMING, "spike_factor": 1e9, "rounds": _runner.PROTOCOL["rounds"]},
-                "candidates": candidates, "entries": entries}
-    (kit_dir / "kit.json").write_text(json.dumps(manifest, indent=1))
-    shutil.copyfile(_runner.__file__, kit_dir / "run_kit.py")
-    return kit_dir
+    return seal_kit(kit_dir, [candidates, entries], {
+        "purpose": "check", "device": profile.name, "profile_id": profile.profile_id, "threads": profile.threads,
+        "seed": seed, "protocol": _runner.PROTOCOL,
+        # every run kept (no spike dropped), as check-latency measures here
+        "check_protocol": {**CHECK_TIMING, "spike_factor": 1e9, "rounds": _runner.PROTOCOL["rounds"]},
+        "candidates": candidates, "entries": entries})
 
 
 def rows_from_measurements(profile: DeviceProfile, data: Mapping[str, Any],
