@@ -411,16 +411,21 @@ class LatencyModel:
         :func:`extract_graph`) the fitted boundary terms correct for what connected kernels do
         differently from lone ones (layout reorders and quantize/dequantize pairs they share).
         """
-        per = self.predict_kernels(kernels)
-        over = self._io_cost(io_bytes)
-        p50 = over + sum(p for p, _ in per)
-        p95 = p50 + self._tail([q - p for p, q in per] + [over * (self.overhead_p95_ratio_ - 1.0)])
+        over, p50, tails = self._parts(kernels, io_bytes)
+        p95 = p50 + self._tail(tails)
         coef = getattr(self, "boundaries_", None)
         if edges and coef is not None:
             # never let the correction remove more than half the kernels' time (extrapolation guard)
             saving = min(float(boundary_terms(kernels, edges) @ coef), 0.5 * (p50 - over))
             p95, p50 = p95 * (p50 - saving) / p50, p50 - saving
         return p50, p95
+
+    def _parts(self, kernels: Sequence[Kernel], io_bytes: float) -> tuple[float, float, list[float]]:
+        """The overhead, the p50 before boundary corrections (overhead + kernels) and each part's
+        tail, p95 - p50 (the kernels', then the overhead's)."""
+        per = self.predict_kernels(kernels)
+        over = self._io_cost(io_bytes)
+        return over, over + sum(p for p, _ in per), [q - p for p, q in per] + [over * (self.overhead_p95_ratio_ - 1.0)]
 
     def _tail(self, tails: Sequence[float]) -> float:
         """How far an inference's p95 lies above its p50, from each part's own (p95 - p50): their
@@ -451,11 +456,9 @@ class LatencyModel:
             return self
         parts = []
         for kernels, p50, p95, io in chains:
-            per = self.predict_kernels(kernels)
-            over = self._io_cost(io)
-            t = np.array([q - p for p, q in per] + [over * (self.overhead_p95_ratio_ - 1.0)])
-            parts.append((over + sum(p for p, _ in per), float(t.sum()), float(np.sqrt((t * t).sum())),
-                          math.log(p95 / p50)))
+            _, raw, tails = self._parts(kernels, io)
+            t = np.array(tails)
+            parts.append((raw, float(t.sum()), float(np.sqrt((t * t).sum())), math.log(p95 / p50)))
         arr = np.array(parts)
         grid = np.linspace(0.0, 1.0, 21)
         errs = [np.abs(np.log1p((a * arr[:, 1] + (1 - a) * arr[:, 2]) / arr[:, 0]) - arr[:, 3]).mean()
