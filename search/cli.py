@@ -215,18 +215,10 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     energy = EnergyConstants()
     if args.fit:
-        path = Path(args.fit)
-        if not path.is_file():
-            raise ProfileError(f"measurements file {args.fit!r} does not exist; run run_kit.py on the device first")
-        import json
-
-        data = json.loads(path.read_text())
+        data = read_kit_results(args.fit, "run_kit.py", "edgeslim calibrate --kit")
         if data.get("purpose") == "check":
             raise ProfileError(f"{args.fit!r} holds a check kit's measurements, not a calibration's; report on them "
                                f"with `edgeslim check-latency --device {data.get('device', 'NAME')} --measured {args.fit}`")
-        if data.get("kit_version") != _runner.KIT_VERSION:
-            raise ProfileError(f"{args.fit!r} comes from kit version {data.get('kit_version')!r}, this edgeslim "
-                               f"reads version {_runner.KIT_VERSION}; write a new kit with `edgeslim calibrate --kit`")
         result = _calibrate.fit_measurements(data, args.device)
         facts, protocol = data["facts"], data["protocol"]
         threads = int(facts.get("threads", threads))
@@ -337,6 +329,26 @@ def remeasure_line(r: dict[str, Any]) -> str:
             f"{r['replaced']} new results kept")
 
 
+def read_kit_results(name: str, runner: str, new_kit: str) -> dict[str, Any]:
+    """The measurements a kit's ``runner`` wrote on the device, refused in one line when the file
+    is missing or comes from another kit version (``new_kit``: the command that writes a new kit).
+
+    Example:
+        >>> read_kit_results("measurements.json", "run_kit.py", "edgeslim calibrate --kit")  # doctest: +SKIP
+    """
+    from edgeslim.objectives import _runner
+    from edgeslim.objectives._device import ProfileError
+
+    path = Path(name)
+    if not path.is_file():
+        raise ProfileError(f"measurements file {name!r} does not exist; run {runner} on the device first")
+    data = json.loads(path.read_text())
+    if data.get("kit_version") != _runner.KIT_VERSION:
+        raise ProfileError(f"{name!r} comes from kit version {data.get('kit_version')!r}, this edgeslim "
+                           f"reads version {_runner.KIT_VERSION}; write a new kit with `{new_kit}`")
+    return data
+
+
 def fresh_dir(path: Path, flag: str) -> None:
     """Refuse to write a kit into a folder that holds files already (nothing stored is overwritten).
 
@@ -396,14 +408,7 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
               f"  3. back here: edgeslim check-latency --device {profile.name} --measured check.json")
         return 0
     if args.measured:
-        path = Path(args.measured)
-        if not path.is_file():
-            raise SpecError(f"measurements file {args.measured!r} does not exist; run the check kit's run_kit.py "
-                            "on the device first")
-        data = json.loads(path.read_text())
-        if data.get("kit_version") != _runner.KIT_VERSION:
-            raise SpecError(f"{args.measured!r} comes from kit version {data.get('kit_version')!r}, this edgeslim "
-                            f"reads version {_runner.KIT_VERSION}; write a new kit with `edgeslim check-latency --kit`")
+        data = read_kit_results(args.measured, "the check kit's run_kit.py", "edgeslim check-latency --kit")
         rows = rows_from_measurements(profile, data, reference)
         if data.get("device") != profile.name or data.get("profile_id") != profile.profile_id:
             print(f"note: the kit was written for profile {data.get('device')!r} ({data.get('profile_id')}); "
