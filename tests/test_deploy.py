@@ -138,10 +138,49 @@ def test_int8_fake_quant_agrees_with_onnx_runtime(trained_digits, sparsity):
     assert (torch_pred == onnx_pred).mean() >= 0.99
 
 
+@pytest.mark.parametrize("shape", [(1, 40), (3, 40), (1, 6, 40)])
+def test_4bit_linear_matches_matmulnbits_exactly(shape):
+    """One 4-bit Linear fed the same input on both sides: the torch emulation (block-wise 4-bit
+    weights, input quantized to int8 per block of 32) computes what ONNX Runtime's MatMulNBits
+    does on this CPU, to float rounding. 40 features: a full block and a padded one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 8))  # the output layer cannot be pruned
+    space = CompressionSpace.build(model, torch.randn(1, 40))
+    candidate = space.realize(model, space.uniform_plan(bits=4)).eval()[:1]
+    x = torch.randn(*shape)
+    path, got, how = build_artifact(candidate, x, layer_bits(candidate), [x.numpy()], Path(tempfile.mkdtemp()))
+    assert set(how.values()) == {"int4-matmulnbits"}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seed in range(10):
+        xi = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * (1 + seed)
+        with torch.no_grad():
+            ref = candidate(xi).numpy()
+        out = sess.run(None, {sess.get_inputs()[0].name: xi.numpy()})[0]
+        assert np.abs(out - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max()))
+
+
+def _nearest_tie(inputs: list[torch.Tensor]) -> float:
+    """Smallest distance, in int8 levels, of any value fed to a 4-bit Linear from a rounding tie."""
+    from edgeslim.spaces import NBITS_BLOCK
+
+    gaps = []
+    for x in inputs:
+        xb = torch.nn.functional.pad(x, (0, (-x.shape[-1]) % NBITS_BLOCK)).reshape(-1, NBITS_BLOCK)
+        v = (xb / (xb.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)).abs()
+        gaps.append(float((v - v.floor() - 0.5).abs().min()))
+    return min(gaps)
+
+
 def test_4bit_linear_exports_as_matmulnbits_with_torch_parity():
     """4-bit Linear layers (2-D and 3-D inputs, low-rank halves too) become MatMulNBits and compute
-    what the torch candidate computes; the size objective counts exactly the stored tensors."""
+    what the torch candidate computes; the size objective counts exactly the stored tensors.
+
+    Through a whole network the two sides agree to 1e-4 unless a value fed to a 4-bit layer sits
+    within 1e-3 levels of an int8 rounding tie: there the last-bit differences of ONNX Runtime's
+    float kernels (LayerNorm, GELU, softmax: ISA-specific) decide the rounding, and one level
+    of one input moves the output by about 1e-3. Such inputs get a bound of one level's worth."""
     from edgeslim.objectives import model_size_bytes
+    from edgeslim.spaces import QuantizedLayer
 
     torch.manual_seed(0)
     model, x = TinyTransformer().eval(), torch.randn(1, 8, 16)
@@ -153,12 +192,22 @@ def test_4bit_linear_exports_as_matmulnbits_with_torch_parity():
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == len(got) and "Gemm" not in ops
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    fed: list[torch.Tensor] = []
+    for m in candidate.modules():
+        if isinstance(m, QuantizedLayer):
+            m.register_forward_pre_hook(lambda _, args: fed.append(args[0].detach()))
+    exact = 0
     for seed in range(5):
         xi = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(seed))
+        fed.clear()
         with torch.no_grad():
             ref = candidate(xi).numpy()
         out = sess.run(None, {sess.get_inputs()[0].name: xi.numpy()})[0]
-        assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+        err = np.abs(out - ref).max() / max(1.0, float(np.abs(ref).max()))
+        exact += err <= 1e-4
+        assert err <= (1e-4 if _nearest_tie(fed) > 1e-3 else 1e-2), (seed, err, _nearest_tie(fed))
+        assert out.argmax() == ref.argmax()
+    assert exact >= 3  # near-ties are the exception, not the rule
     weights = sum(len(t.raw_data) for t in graph.initializer
                   if t.name.endswith(("_Q4", "_scales")) or t.name.endswith(".bias"))
     linear_bytes = sum(len(t.raw_data) for t in graph.initializer if t.name.endswith(("_Q4", "_scales")))
