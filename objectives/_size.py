@@ -25,7 +25,8 @@ def model_size_bytes(model: nn.Module) -> int:
       block (symmetric: no zero points stored);
     - quantized input and output activations: one fp32 scale + one uint8 zero point each;
     - everything else (biases, unquantized weights, BatchNorm parameters and running
-      statistics): at its own dtype size. Integer buffers (BatchNorm's step counter) and the
+      statistics): at its own dtype size; a BatchNorm inside a quantized conv's wrapper is
+      folded into that conv by export and counts as the conv's fp32 bias. Integer buffers (BatchNorm's step counter) and the
       observer state of quantized layers are bookkeeping, not weights, and are not counted.
 
     Example:
@@ -38,11 +39,19 @@ def model_size_bytes(model: nn.Module) -> int:
     """
     total = 0
     skip: set[int] = set()
+    folded: set[int] = set()  # BatchNorms that export folds into their quantized conv
     for module in model.modules():
+        if id(module) in folded:
+            continue
         if isinstance(module, QuantizedLayer):
             w = module.layer.weight
             out = w.shape[0]
             skip.add(id(w))
+            if module.norm is not None:
+                folded.add(id(module.norm))
+                skip.update(id(p) for p in module.norm.parameters())
+                if module.layer.bias is None:  # folding gives the conv a bias
+                    total += out * FLOAT_BYTES
             if module.weight_only:
                 blocks = out * math.ceil(w.shape[1] / NBITS_BLOCK)
                 total += blocks * (NBITS_BLOCK // 2 + FLOAT_BYTES)

@@ -105,15 +105,23 @@ class QuantizedLayer(nn.Module):
     and frozen in eval mode (PyTorch's MovingAverageMinMaxObserver behaviour); export hands
     these very scales to ONNX Runtime so the artifact computes what was fine-tuned.
 
+    ``norm`` is the BatchNorm that followed the conv in the model: it runs between the conv and
+    the output quantizer, live while fine-tuning (batch statistics, running averages updated),
+    and :func:`dequantized_copy` folds it into the conv for export. Per-channel symmetric weight
+    quantization commutes with that per-channel scaling, so the folded weights sit on the grid
+    ONNX Runtime re-derives from them.
+
     Example:
         >>> q = QuantizedLayer(nn.Linear(4, 2), bits=8)
         >>> q(torch.randn(3, 4)).shape
         torch.Size([3, 2])
     """
 
-    def __init__(self, layer: nn.Module, bits: int, momentum: float = 0.1, reduce_range: bool = False) -> None:
+    def __init__(self, layer: nn.Module, bits: int, momentum: float = 0.1, reduce_range: bool = False,
+                 norm: nn.Module | None = None) -> None:
         super().__init__()
         self.layer = layer
+        self.norm = norm
         self.bits = bits
         self.reduce_range = reduce_range
         self.momentum = momentum
@@ -173,6 +181,8 @@ class QuantizedLayer(nn.Module):
             y = F.linear(x, w, self.layer.bias)
         else:
             y = self.layer._conv_forward(x, w, self.layer.bias)
+        if self.norm is not None:
+            y = self.norm(y)
         if self.quantize_input:
             if self.training or self.calibrating or not bool(self.out_observed):
                 self._observe(y, self.out_min, self.out_max, self.out_observed)
@@ -198,10 +208,23 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
             plain = module.layer
             with torch.no_grad():
                 plain.weight.copy_(module.fake_weight())
+                if module.norm is not None:
+                    _fold_norm_(plain, module.norm)
             if not name:  # the model itself is one quantized layer
                 return plain
             _set_submodule(out, name, plain)
     return out
+
+
+def _fold_norm_(conv: nn.Module, bn: nn.Module) -> None:
+    """Fold BatchNorm ``bn`` (eval statistics) into the conv before it, in place."""
+    std = (bn.running_var + bn.eps).sqrt()
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    factor = gamma / std
+    conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.ndim - 1))))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+    conv.bias = nn.Parameter((bias - bn.running_mean) * factor + beta)
 
 
 def layer_bits(model: nn.Module) -> dict[str, int]:

@@ -204,19 +204,20 @@ class CompressionSpace:
     def realize(self, base: nn.Module, plan: Plan, reduce_range: bool = False) -> nn.Module:
         """A new module implementing ``plan`` on ``base``; ``base`` is never modified.
 
-        Order: prune coupled channels (physically, with torch-pruning), fold the BatchNorm
-        that follows a quantized conv into it (as the exported graph does, so fake quantization
-        sees the same tensors ONNX Runtime quantizes), factorize the pruned weights by truncated
-        SVD, then wrap quantized layers with fake quantization (7-bit int8 weight levels with
-        ``reduce_range``, for runtimes that need them).
+        Order: prune coupled channels (physically, with torch-pruning), factorize the pruned
+        weights by truncated SVD, then wrap quantized layers with fake quantization (7-bit int8
+        weight levels with ``reduce_range``, for runtimes that need them). The BatchNorm that
+        follows a quantized conv moves into its wrapper and stays live: fine-tuning
+        re-normalises with it (a pruned network folded before fine-tuning has nothing left to
+        re-normalise with and collapses), the output quantizer sees the normalised tensor ONNX
+        Runtime quantizes, and export folds it with its final statistics.
         """
         self.check(plan)
         model = copy.deepcopy(base).eval()
         if any(s > 0 for _, s in plan.groups):
             _prune_(model, self, plan)
         quantized = {name for name, lp in plan.layers if lp.bits < 32}
-        if quantized:
-            _fold_batchnorm_(model, quantized)
+        norms = _detach_batchnorm_(model, quantized) if quantized else {}
         for name, lp in plan.layers:
             target: nn.Module = model.get_submodule(name)
             if lp.rank < 1.0:
@@ -228,24 +229,28 @@ class CompressionSpace:
                     _set_submodule(model, name, pair)
                     target = pair
             if lp.bits < 32:
-                if isinstance(target, nn.Sequential):
+                if isinstance(target, nn.Sequential):  # a low-rank pair: the norm follows its second half
                     for i, factor in enumerate(target):
-                        target[i] = QuantizedLayer(factor, lp.bits, reduce_range=reduce_range)
+                        bn = norms.get(name) if i == len(target) - 1 else None
+                        target[i] = QuantizedLayer(factor, lp.bits, reduce_range=reduce_range, norm=bn)
                 else:
-                    _set_submodule(model, name, QuantizedLayer(target, lp.bits, reduce_range=reduce_range))
+                    _set_submodule(model, name, QuantizedLayer(target, lp.bits, reduce_range=reduce_range,
+                                                               norm=norms.get(name)))
         return model
 
 
-def _fold_batchnorm_(model: nn.Module, convs: set[str]) -> None:
-    """Fold each BatchNorm that directly follows one of ``convs`` into it; the BN becomes Identity."""
+def _detach_batchnorm_(model: nn.Module, convs: set[str]) -> dict[str, nn.Module]:
+    """Take out each BatchNorm that directly follows one of ``convs`` (its slot becomes
+    Identity) and return them by conv name, for the conv's quantized wrapper to apply."""
     import torch.fx
 
     try:
         graph = torch.fx.Tracer().trace(model)
-    except Exception:  # untraceable model: keep BatchNorm, fake quantization is then approximate
-        log.info("cannot trace the model to fold BatchNorm; quantized convs keep their BatchNorm")
-        return
+    except Exception:  # untraceable model: keep BatchNorm in place, fake quantization is then approximate
+        log.info("cannot trace the model to find the BatchNorm after quantized convs; it stays in place")
+        return {}
     modules = dict(model.named_modules())
+    taken: dict[str, nn.Module] = {}
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in convs:
             continue
@@ -256,16 +261,9 @@ def _fold_batchnorm_(model: nn.Module, convs: set[str]) -> None:
         bn = modules[users[0].target]
         if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or bn.num_features != conv.out_channels:
             continue
-        with torch.no_grad():
-            std = (bn.running_var + bn.eps).sqrt()
-            gamma = bn.weight if bn.affine else torch.ones_like(std)
-            beta = bn.bias if bn.affine else torch.zeros_like(std)
-            factor = gamma / std
-            conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.ndim - 1))))
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
-            new_bias = (bias - bn.running_mean) * factor + beta
-            conv.bias = nn.Parameter(new_bias.clone())
+        taken[node.target] = bn
         _set_submodule(model, users[0].target, nn.Identity())
+    return taken
 
 
 def _nearest(choices: tuple[float | int, ...], value: float | int) -> float | int:

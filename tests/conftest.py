@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -43,3 +45,13 @@ def digits():
     from edgeslim.search import digits_splits
 
     return digits_splits(8, 0.3, 0)[0]
+
+
+@pytest.fixture(scope="session")
+def digits_resnet(tmp_path_factory):
+    """The built-in digits-resnet workload, its base trained once for the whole session (~1 min)."""
+    from edgeslim.search import load_workload
+    from edgeslim.search._spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "studies" / "digits-resnet.toml")
+    return spec, load_workload(spec, tmp_path_factory.mktemp("digits-resnet"), log=lambda _: None)
