@@ -64,6 +64,8 @@ class EvalContext:
     workdir: Path = Path(".")
     seed: int = 0
     score_artifact: bool = False  # accuracy of the exported ONNX artifact instead of the torch candidate
+    # the dense baseline's artifact: measured latency times each candidate paired with it
+    reference_artifact: Path | None = None
 
 
 @dataclasses.dataclass

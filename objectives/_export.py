@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgeslim.objectives._graph_fixes import keep_pools_float
+from edgeslim.objectives._graph_fixes import drop_requantized_relus, keep_pools_float
 from edgeslim.spaces import ObjectiveError, dequantized_copy, weight_qmax
 
 __all__ = ["LatencyStats", "RUNTIME_KERNELS", "export_onnx", "measure_latency", "quantize_onnx", "build_artifact",
@@ -106,7 +106,7 @@ def activation_overrides(model: nn.Module) -> dict[str, tuple[float, int, float,
 
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, QuantizedLayer) and m.quantize_input and bool(m.observed) and bool(m.out_observed):
+        if isinstance(m, QuantizedLayer) and m.quantize_input and m.has_qparams():
             out[name] = (*m.act_qparams(), *m.out_qparams())
     return out
 
@@ -209,17 +209,18 @@ def quantize_onnx(fp32_path: Path, out_path: Path, bits_by_layer: Mapping[str, i
     else:
         pre.replace(staged)
     if nodes:
-        _keep_pools_float(staged)
+        _fix_qdq_graph(staged)
     if nbits:
         _to_matmul_nbits(staged, out_path, nbits)
         staged.unlink(missing_ok=True)
     return out_path, got, how
 
 
-def _keep_pools_float(path: Path) -> int:
-    """:func:`keep_pools_float` on an ONNX file (rewritten in place when anything changed)."""
+def _fix_qdq_graph(path: Path) -> int:
+    """:func:`keep_pools_float` and :func:`drop_requantized_relus` on an ONNX file (rewritten in
+    place when anything changed)."""
     model = onnx.load(str(path))
-    changed = keep_pools_float(model)
+    changed = keep_pools_float(model) + drop_requantized_relus(model)
     if changed:
         onnx.save(model, str(path))
     return changed
@@ -284,6 +285,9 @@ def _to_matmul_nbits(src: Path, dst: Path, nbits: Mapping[str, tuple[str, int]])
     onnx.save(quantizer.model.model, str(dst))
 
 
+PAIRS = 3  # fresh session pairs a paired measurement pools
+
+
 @dataclasses.dataclass(frozen=True)
 class LatencyStats:
     """Batch-1 latency of one ONNX file under one protocol, in milliseconds.
@@ -298,11 +302,15 @@ class LatencyStats:
     mean_ms: float
     runs: int
     threads: int
+    # paired with a reference model (the dense baseline) in the same windows, when one was given
+    reference_p50_ms: float | None = None
+    speedup: float | None = None  # reference p50 / this p50
+    speedup_spread: tuple[float, float] | None = None  # lowest and highest ratio over the pairs
 
 
 def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, warmup: int = 20,
                     min_runs: int = 50, max_runs: int = 2000, budget_s: float = 1.0,
-                    seed: int = 0, sessions: int = 1) -> LatencyStats:
+                    seed: int = 0, sessions: int = 1, reference: Path | None = None) -> LatencyStats:
     """Median and p95 latency of ``path`` with ONNX Runtime's CPU provider.
 
     Fixed intra-op threads, sequential execution, all graph optimizations, random (non-zero)
@@ -312,6 +320,17 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
     ``sessions`` > 1 that many fresh sessions are timed (taking turns with 1 thread, one after
     another with more: :func:`edgeslim.objectives._runner.measure_files`) and pooled
     (:func:`edgeslim.objectives._runner.pool_sessions`: median of their medians, p95 over all runs).
+
+    With a ``reference`` file (the dense baseline's artifact) the two are timed as a pair, in
+    the same interleaved windows, in ``max(sessions, PAIRS)`` fresh pairs sharing ``budget_s``
+    each: ``speedup`` is the ratio of the pooled medians and ``speedup_spread`` the range of
+    the per-pair ratios. A VM's speed state moves both sides of a pair alike, so a pruned
+    variant no longer measures slower than dense because it was timed in a slow minute.
+
+    Example:
+        >>> s = measure_latency(Path("variant.onnx"), (1, 3, 32, 32), reference=Path("dense.onnx"))  # doctest: +SKIP
+        >>> s.speedup, s.speedup_spread  # doctest: +SKIP
+        (1.41, (1.37, 1.46))
     """
     from edgeslim.objectives._runner import PROTOCOL, make_session, measure_files, pool_sessions
 
@@ -325,11 +344,28 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
         except Exception as e:
             raise ObjectiveError(f"ONNX Runtime cannot load {path}: {e}") from e
 
-    n = max(sessions, 1)
-    got = measure_files([str(path)] * n, threads, list(range(n)), protocol, keep_times=True,
-                        open_session=open_session, feed=lambda s, _: {s.get_inputs()[0].name: x})
-    pooled = pool_sessions(got)
-    return LatencyStats(pooled["p50_ms"], pooled["p95_ms"], pooled["mean_ms"], pooled["runs"], threads)
+    def feed(session: Any, _: int) -> dict[str, np.ndarray]:
+        return {session.get_inputs()[0].name: x}
+
+    if reference is None:
+        n = max(sessions, 1)
+        got = measure_files([str(path)] * n, threads, list(range(n)), protocol, keep_times=True,
+                            open_session=open_session, feed=feed)
+        pooled = pool_sessions(got)
+        return LatencyStats(pooled["p50_ms"], pooled["p95_ms"], pooled["mean_ms"], pooled["runs"], threads)
+    n = max(sessions, PAIRS)
+    per_pair = {**protocol, "budget_s": budget_s / n, "min_runs": max(min_runs // n, 10)}
+    mine, theirs = [], []
+    for k in range(n):
+        a, b = measure_files([str(path), str(reference)], threads, [k, k], per_pair, keep_times=True,
+                             open_session=open_session, feed=feed)
+        mine.append(a)
+        theirs.append(b)
+    ratios = [b["p50_ms"] / a["p50_ms"] for a, b in zip(mine, theirs)]
+    pooled, ref = pool_sessions(mine), pool_sessions(theirs)
+    return LatencyStats(pooled["p50_ms"], pooled["p95_ms"], pooled["mean_ms"], pooled["runs"], threads,
+                        reference_p50_ms=ref["p50_ms"], speedup=ref["p50_ms"] / pooled["p50_ms"],
+                        speedup_spread=(min(ratios), max(ratios)))
 
 
 def build_artifact(model: nn.Module, example_input: torch.Tensor, bits_by_layer: Mapping[str, int],

@@ -92,3 +92,67 @@ def keep_pools_float(model: onnx.ModelProto) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return changed
+
+
+def drop_requantized_relus(model: onnx.ModelProto) -> int:
+    """Remove ``DQ(s, z) -> Relu -> Q(s, z) -> DQ(s, z)`` where ``z`` is the uint8 minimum; returns
+    how many.
+
+    On a uint8 grid that starts at zero the dequantized values are already non-negative, so the
+    ReLU and the second Q/DQ pair change nothing. ONNX Runtime drops such a pair itself only
+    when the tensor has one consumer; a ReLU output read by a conv and a residual Add (a ResNet
+    stem) stayed a float DequantizeLinear -> QuantizeLinear round trip between two int8 layers.
+    Each consumer gets a DequantizeLinear of its own (ONNX Runtime fuses a DQ into one node).
+
+    Example:
+        >>> drop_requantized_relus(onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], [])))
+        0
+    """
+    graph = model.graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    outputs = {o.name for o in graph.output}
+
+    def params(n: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | None:
+        if len(n.input) < 3 or n.input[1] not in inits or n.input[2] not in inits:
+            return None
+        return inits[n.input[1]], inits[n.input[2]]
+
+    def same(a: tuple[np.ndarray, np.ndarray] | None, b: tuple[np.ndarray, np.ndarray] | None) -> bool:
+        return a is not None and b is not None and a[0].size == 1 and np.array_equal(a[0], b[0]) \
+            and np.array_equal(a[1], b[1]) and a[1].dtype == np.uint8 and int(a[1]) == 0
+
+    dropped: set[int] = set()
+    before: dict[int, list[onnx.NodeProto]] = {}  # new DQs, each placed right before its consumer
+    for relu in graph.node:
+        dq = producers.get(relu.input[0]) if relu.op_type == "Relu" else None
+        qs = consumers.get(relu.output[0], [])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(qs) != 1 or qs[0].op_type != "QuantizeLinear" \
+                or relu.output[0] in outputs or not same(params(dq), params(qs[0])):
+            continue
+        q = qs[0]
+        dqs = consumers.get(q.output[0], [])
+        if not dqs or q.output[0] in outputs or not all(d.op_type == "DequantizeLinear" and same(params(d), params(q))
+                                                         and d.output[0] not in outputs for d in dqs):
+            continue
+        dropped.update(id(n) for n in (relu, q, *dqs))
+        if all(id(c) in dropped for c in consumers.get(dq.output[0], [])):
+            dropped.add(id(dq))
+        for d in dqs:
+            for user in consumers.get(d.output[0], []):
+                name = f"{d.name or d.output[0]}.shared.{len(before)}.{id(user) % 10007}"
+                before.setdefault(id(user), []).append(onnx.helper.make_node(
+                    "DequantizeLinear", list(dq.input), [name], name=name))
+                for k, t in enumerate(user.input):
+                    if t == d.output[0]:
+                        user.input[k] = name
+    if not dropped:
+        return 0
+    kept = [m for n in graph.node if id(n) not in dropped for m in (*before.get(id(n), []), n)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(dropped)

@@ -19,7 +19,10 @@ class LatencyObjective(Objective):
 
     Records ``latency_p95_ms``, ``latency_runs``, ``latency_method``, ``artifact_bytes`` (the
     ONNX file's size), ``runtime_bits`` (the bits each layer really runs at) and
-    ``runtime_kernels`` (the kernel each layer runs as, see ``RUNTIME_KERNELS``).
+    ``runtime_kernels`` (the kernel each layer runs as, see ``RUNTIME_KERNELS``). With
+    ``ctx.reference_artifact`` the candidate is timed paired with the dense baseline (see
+    :func:`measure_latency`) and ``latency_speedup_paired``, ``latency_speedup_spread`` and
+    ``latency_reference_ms`` are recorded too.
 
     Example:
         >>> LatencyObjective.direction
@@ -35,12 +38,17 @@ class LatencyObjective(Objective):
             return self._predict(candidate, ctx)
         path, runtime_bits, runtime_kernels = candidate_artifact(candidate, ctx)
         stats = measure_latency(path, tuple(ctx.example_input.shape), threads=ctx.device.threads,
-                                seed=ctx.seed)
+                                seed=ctx.seed, reference=ctx.reference_artifact)
+        if stats.speedup is not None:
+            candidate.metrics.update(latency_reference_ms=stats.reference_p50_ms,
+                                     latency_speedup_paired=stats.speedup,
+                                     latency_speedup_spread=list(stats.speedup_spread))
         candidate.metrics.update(
             latency_p95_ms=stats.p95_ms,
             latency_runs=stats.runs,
             latency_method=f"measured: onnxruntime CPU, {stats.threads} thread(s), batch 1, "
-                           f"median of {stats.runs} runs",
+                           f"median of {stats.runs} runs"
+                           + (", paired with the dense baseline" if stats.speedup is not None else ""),
             artifact_bytes=path.stat().st_size,
             runtime_bits=runtime_bits,
             runtime_kernels=runtime_kernels,

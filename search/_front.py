@@ -16,7 +16,8 @@ __all__ = ["baseline_trial", "front_entries", "trial_record", "write_front"]
 
 METRIC_KEYS = ("latency_p95_ms", "latency_method", "energy_method", "artifact_bytes", "runtime_bits",
                "runtime_kernels", "accuracy_method", "torch_accuracy",
-               "per_class_accuracy", "seconds")
+               "per_class_accuracy", "seconds", "latency_reference_ms", "latency_speedup_paired",
+               "latency_speedup_spread")
 
 
 def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -58,6 +59,9 @@ def _deltas(rec: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
                       ("energy_mj", "energy_reduction")):
         if key in rec and key in base and rec[key] > 0:
             out[name] = base[key] / rec[key]
+    if "latency_speedup_paired" in rec:  # timed in the same windows as dense: no drift between the two
+        out["latency_speedup"] = rec["latency_speedup_paired"]
+        out["latency_speedup_spread"] = rec["latency_speedup_spread"]
     return out
 
 
@@ -65,7 +69,9 @@ def front_entries(study: optuna.Study, names: Sequence[str]) -> list[dict[str, A
     """Pareto-optimal (and, under budgets, feasible) trials, best accuracy first.
 
     Every entry carries ``baseline`` (the dense trial's metrics) and ``vs_baseline``
-    (accuracy drop in percentage points, largest per-class drop, size/latency/energy ratios).
+    (accuracy drop in percentage points, largest per-class drop, size/latency/energy ratios;
+    the latency ratio is the paired one, timed with the dense artifact in the same windows,
+    where the trial has it, with the range of its pairs in ``latency_speedup_spread``).
     """
     base_t = baseline_trial(study)
     base = trial_record(base_t, names) if base_t else {}

@@ -18,7 +18,7 @@ import torch
 from optuna.trial import TrialState
 
 from edgeslim.objectives import (DEVICES_DIR, OBJECTIVES, Candidate, DeviceProfile, EvalContext, FinetuneConfig,
-                                 Objective, load_device)
+                                 Objective, export_onnx, load_device)
 from edgeslim.search._front import front_entries, write_front
 from edgeslim.search._progress import Progress
 from edgeslim.search._spec import StudySpec, spec_fingerprint
@@ -201,6 +201,10 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     distributions = space.distributions()
     with tempfile.TemporaryDirectory(prefix="edgeslim-") as tmp:
         ctx.workdir = Path(tmp)
+        if "latency_ms" in names and not profile.predicts_latency:
+            # every measured candidate is timed side by side with the dense model's artifact
+            ctx.reference_artifact = export_onnx(workload.model, workload.example_input,
+                                                 ctx.workdir / "dense-reference.onnx")
         for done in range(1, spec.trials + 1):
             trial = study.ask(distributions)
             t0 = time.perf_counter()

@@ -134,6 +134,10 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("observed", torch.tensor(False))
         self.register_buffer("out_observed", torch.tensor(False))
         self.calibrating = False  # absolute min/max (ONNX Runtime's MinMax) instead of a moving average
+        # set by realizing a plan (see link_quantizers_): the ReLU that follows runs before the
+        # output quantizer, and an input that is another quantized layer's output keeps its grid
+        self.relu_after = False
+        self.source: QuantizedLayer | None = None
 
     def _observe(self, x: torch.Tensor, lo_buf: torch.Tensor, hi_buf: torch.Tensor, flag: torch.Tensor) -> None:
         lo, hi = x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0)
@@ -154,9 +158,26 @@ class QuantizedLayer(nn.Module):
         zero = int(min(max(ACT_QMIN + round(-float(lo) / scale), ACT_QMIN), ACT_QMAX))
         return scale, zero
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "source":  # a reference, not a child: the producer is owned by its own parent
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _shares_input(self) -> bool:
+        return self.source is not None and self.source.quantize_input
+
     def act_qparams(self) -> tuple[float, int]:
-        """(scale, zero_point) of the input activation quantizer."""
+        """(scale, zero_point) of the input activation quantizer (the producer's output
+        quantizer's when the input is another quantized layer's output: one tensor, one grid)."""
+        if self._shares_input():
+            return self.source.out_qparams()
         return self._qparams(self.act_min, self.act_max)
+
+    def has_qparams(self) -> bool:
+        """Whether both activation quantizers have seen data (export needs their scales)."""
+        seen = bool(self.source.out_observed) if self._shares_input() else bool(self.observed)
+        return seen and bool(self.out_observed)
 
     def out_qparams(self) -> tuple[float, int]:
         """(scale, zero_point) of the output activation quantizer."""
@@ -172,7 +193,7 @@ class QuantizedLayer(nn.Module):
         if self.weight_only:
             x = quantize_input_blockwise(x)
         if self.quantize_input:
-            if self.training or self.calibrating or not bool(self.observed):
+            if not self._shares_input() and (self.training or self.calibrating or not bool(self.observed)):
                 self._observe(x, self.act_min, self.act_max, self.observed)
             scale, zero = self.act_qparams()
             x = torch.fake_quantize_per_tensor_affine(x, scale, zero, ACT_QMIN, ACT_QMAX)
@@ -183,6 +204,8 @@ class QuantizedLayer(nn.Module):
             y = self.layer._conv_forward(x, w, self.layer.bias)
         if self.norm is not None:
             y = self.norm(y)
+        if self.quantize_input and self.relu_after:  # quantized where ONNX Runtime quantizes: after it
+            y = F.relu(y)
         if self.quantize_input:
             if self.training or self.calibrating or not bool(self.out_observed):
                 self._observe(y, self.out_min, self.out_max, self.out_observed)

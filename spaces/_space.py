@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.fx
 import torch_pruning as tp
 from optuna.distributions import BaseDistribution
 from torch import nn
@@ -21,7 +22,7 @@ from edgeslim.spaces._lowrank import factorize, factorized_params, rank_for
 from edgeslim.spaces._plan import LayerPlan, Plan
 from edgeslim.spaces._quant import QuantizedLayer, _set_submodule
 
-__all__ = ["CompressionSpace", "PruneGroup"]
+__all__ = ["CompressionSpace", "PruneGroup", "link_quantizers_"]
 
 log = logging.getLogger("edgeslim")
 
@@ -236,7 +237,76 @@ class CompressionSpace:
                 else:
                     _set_submodule(model, name, QuantizedLayer(target, lp.bits, reduce_range=reduce_range,
                                                                norm=norms.get(name)))
+        if quantized:
+            link_quantizers_(model)
         return model
+
+
+_GRID_KEEPING = (nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten)  # values stay on their int8 grid
+_RELUS = (torch.relu, torch.relu_, torch.nn.functional.relu)
+
+
+class _QuantLeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QuantizedLayer) or super().is_leaf_module(m, qualname)
+
+
+def link_quantizers_(model: nn.Module) -> int:
+    """Quantize int8 activations where ONNX Runtime's int8 graph does; returns the links made.
+
+    A quantized layer whose only consumer is a ReLU quantizes after it (``relu_after``): ONNX
+    Runtime then drops the ReLU into the output quantization (uint8 from zero). A quantized
+    layer whose input is another quantized layer's output (through that ReLU, max-pooling,
+    flattening) takes the producer's output grid (``source``): one tensor, one scale, so ONNX
+    Runtime chains QLinearConv -> QLinearConv with no float tensor in between. Untraceable
+    models keep separate quantizers (correct, with a requantization between layers).
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+        >>> m[0], m[2] = QuantizedLayer(m[0], 8), QuantizedLayer(m[2], 8)
+        >>> link_quantizers_(m), m[0].relu_after, m[2].source is m[0]
+        (1, True, True)
+    """
+    import torch.fx
+
+    try:
+        graph = _QuantLeafTracer().trace(model)
+    except Exception:
+        log.info("cannot trace the model to chain its int8 layers; each keeps its own quantizers")
+        return 0
+    modules = dict(model.named_modules())
+
+    def module(n: object) -> nn.Module | None:
+        return modules.get(n.target) if isinstance(n, torch.fx.Node) and n.op == "call_module" else None
+
+    def is_relu(n: torch.fx.Node) -> bool:
+        return (isinstance(module(n), nn.ReLU) or (n.op == "call_function" and n.target in _RELUS)
+                or (n.op == "call_method" and n.target in ("relu", "relu_")))
+
+    def keeps_grid(n: torch.fx.Node) -> bool:
+        return (isinstance(module(n), _GRID_KEEPING) or (n.op == "call_function" and n.target is torch.flatten)
+                or (n.op == "call_method" and n.target in ("flatten", "view", "reshape")))
+
+    quantized = [n for n in graph.nodes if isinstance(module(n), QuantizedLayer) and module(n).quantize_input]
+    for n in quantized:
+        user = n
+        while len(user.users) == 1 and isinstance(module(next(iter(user.users))), nn.Identity):
+            user = next(iter(user.users))
+        module(n).relu_after = len(user.users) == 1 and is_relu(next(iter(user.users)))
+    links = 0
+    for n in quantized:
+        up, through_relu = n.args[0] if n.args else None, False
+        while isinstance(up, torch.fx.Node) and not isinstance(module(up), QuantizedLayer):
+            if is_relu(up):
+                through_relu = True
+            elif not keeps_grid(up):
+                break
+            up = up.args[0] if up.args else None
+        producer = module(up) if isinstance(up, torch.fx.Node) else None
+        if isinstance(producer, QuantizedLayer) and producer.quantize_input and (producer.relu_after or not through_relu):
+            module(n).source = producer
+            links += 1
+    return links
 
 
 def _detach_batchnorm_(model: nn.Module, convs: set[str]) -> dict[str, nn.Module]:

@@ -277,10 +277,10 @@ def _optimized(path: Path, x: torch.Tensor) -> tuple[onnx.GraphProto, np.ndarray
 def test_maxpool_between_dequantized_layers_runs_in_float():
     """Between 4-bit (dequantized) convs ONNX Runtime would pool on uint8 with a slow generic
     kernel; the artifact keeps the pool float, and agrees with the torch model as closely."""
-    from edgeslim.objectives._export import _keep_pools_float
+    from edgeslim.objectives._export import _fix_qdq_graph
 
     path, x, ref = _pool_artifact(4)
-    assert _keep_pools_float(path) == 0  # the export did it already: nothing left to change
+    assert _fix_qdq_graph(path) == 0  # the export did it already: nothing left to change
     graph, out = _optimized(path, x)
     producers = {t: n for n in graph.node for t in n.output}
     feeders = [producers[n.input[0]].op_type for n in graph.node if n.op_type == "MaxPool"]

@@ -4,6 +4,8 @@ as it recovers pruned fp32 ones (BatchNorm stays live in the quantized wrapper, 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -104,3 +106,63 @@ def test_pruned_int8_artifact_agrees_with_the_finetuned_model(digits_resnet, tmp
     with torch.no_grad():
         torch_pred = model(xs).argmax(1).numpy()
     assert (torch_pred == onnx_pred).mean() >= 0.99 and onnx_acc > 0.9
+
+
+_INT8_OPS = {"QLinearConv", "QLinearAdd", "QGemm", "QLinearMatMul", "MaxPool", "Transpose", "Reshape"}
+
+
+def _float_islands(path) -> list[list[str]]:
+    """Float paths in ONNX Runtime's optimized graph that start at a DequantizeLinear of an int8
+    op's output and end at a QuantizeLinear: the op types on each path (empty: a requantization)."""
+    graph = onnx.load(str(path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    islands = []
+    for dq in (n for n in graph.node if n.op_type == "DequantizeLinear"):
+        src = producers.get(dq.input[0])
+        if src is None or src.op_type not in _INT8_OPS:
+            continue  # a weight or the model input
+        stack = [(c, []) for c in consumers.get(dq.output[0], [])]
+        while stack:
+            node, ops = stack.pop()
+            if node.op_type == "QuantizeLinear":
+                islands.append(ops)
+            elif len(ops) < 8:
+                stack += [(c, ops + [node.op_type]) for o in node.output for c in consumers.get(o, [])]
+    return islands
+
+
+def test_uniform_int8_residual_graph_stays_int8(tmp_path):
+    """Every int8 layer of a residual network hands int8 to the next: QLinearConv -> QLinearConv
+    and QLinearAdd with no float tensor between, except around the global average pool
+    (exported as ReduceMean, which ONNX Runtime has no int8 kernel for; the block's last
+    Add + ReLU feed it in float)."""
+    from edgeslim.search import DigitsResNet
+
+    torch.manual_seed(0)
+    model, x = DigitsResNet().eval(), torch.randn(1, 1, 32, 32)
+    space = CompressionSpace.build(model, x)
+    q = space.realize(model, space.uniform_plan(bits=8))
+    q.train()
+    for _ in range(4):
+        q(torch.randn(16, 1, 32, 32))
+    q.eval()
+    path, got, _ = build_artifact(q, x, layer_bits(q), [x.numpy()], tmp_path)
+    assert set(got.values()) == {8}
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    xs = torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = q(xs).numpy()
+    out = np.concatenate([sess.run(None, {"input": xs[i:i + 1].numpy()})[0] for i in range(len(xs))])
+    # the rewritten graph still computes the fake-quantized model (4 % of the largest logit here,
+    # as before the ReLU rewrite: output-quantization levels, not a changed function)
+    assert np.abs(out - ref).max() <= 0.08 * np.abs(ref).max() and (out.argmax(1) == ref.argmax(1)).mean() >= 0.875
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert "Conv" not in ops and ops.count("QLinearConv") == len(got) - 1 and "QLinearAdd" in ops
+    islands = _float_islands(so.optimized_model_filepath)
+    assert islands and all("ReduceMean" in ops and set(ops) <= {"Add", "Relu", "ReduceMean"} for ops in islands), islands

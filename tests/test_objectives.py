@@ -97,6 +97,29 @@ def test_latency_protocol(tiny, example):
     assert 30 <= stats.runs <= 60 and 0 < stats.p50_ms <= stats.p95_ms and stats.threads == 1
 
 
+def test_paired_latency_times_the_reference_in_the_same_pairs(tiny, example):
+    from edgeslim.objectives._export import PAIRS
+
+    d = _tmp_path()
+    path, ref = export_onnx(tiny, example, d / "m.onnx"), export_onnx(nn.Conv2d(1, 2, 1), example, d / "r.onnx")
+    alone = measure_latency(path, (1, 1, 8, 8), warmup=2, min_runs=30, max_runs=60, budget_s=0.03)
+    assert alone.speedup is None and alone.reference_p50_ms is None
+    stats = measure_latency(path, (1, 1, 8, 8), warmup=2, min_runs=30, max_runs=60, budget_s=0.03, reference=ref)
+    assert stats.runs >= PAIRS * 10 and 0 < stats.p50_ms <= stats.p95_ms
+    assert stats.speedup == pytest.approx(stats.reference_p50_ms / stats.p50_ms)
+    low, high = stats.speedup_spread
+    assert 0 < low <= high
+
+
+def test_front_takes_the_paired_speedup():
+    from edgeslim.search._front import _deltas
+
+    base = {"latency_ms": 1.0, "size_bytes": 100}
+    rec = {"latency_ms": 2.0, "size_bytes": 50, "latency_speedup_paired": 1.2, "latency_speedup_spread": [1.1, 1.3]}
+    assert _deltas(rec, base) == {"size_reduction": 2.0, "latency_speedup": 1.2, "latency_speedup_spread": [1.1, 1.3]}
+    assert _deltas({"latency_ms": 2.0}, base) == {"latency_speedup": 0.5}
+
+
 def test_directions_come_from_objectives():
     assert {n: c.direction for n, c in OBJECTIVES.items()} == {
         "accuracy": "maximize", "size_bytes": "minimize", "latency_ms": "minimize", "energy_mj": "minimize"}

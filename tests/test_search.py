@@ -45,6 +45,9 @@ def test_small_search_front_baseline_outputs_and_resume(tmp_path):
         assert entry["baseline"]["trial"] == 0 and set(NAMES) <= set(entry["baseline"])
         assert entry["latency_p95_ms"] >= entry["latency_ms"] > 0
         assert "estimate" in entry["energy_method"]
+        # timed side by side with the dense artifact: the ratio comes from the pair
+        assert entry["vs_baseline"]["latency_speedup"] == entry["latency_speedup_paired"]
+        assert "paired with the dense baseline" in entry["latency_method"]
     dense = result.study.trials[0]
     assert dense.user_attrs["preset"] == "dense"
     assert dense.user_attrs["plan"]["groups"] == {k: 0.0 for k in dense.user_attrs["plan"]["groups"]}
