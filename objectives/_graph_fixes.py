@@ -155,4 +155,8 @@ def drop_requantized_relus(model: onnx.ModelProto) -> int:
     kept = [m for n in graph.node if id(n) not in dropped for m in (*before.get(id(n), []), n)]
     del graph.node[:]
     graph.node.extend(kept)
+    used = {t for n in graph.node for t in n.input}
+    unused = [i for i in graph.initializer if i.name not in used]  # the dropped pair's scale and zero point
+    for init in unused:
+        graph.initializer.remove(init)
     return len(dropped)

@@ -20,10 +20,10 @@ from optuna.trial import TrialState
 from edgeslim.objectives import (DEVICES_DIR, RUNTIME_KERNELS, evaluate_onnx_accuracy, FinetuneConfig, batches, build_artifact, evaluate_accuracy,
                                  finetune_, measure_latency, sample_inputs)
 from edgeslim.objectives._energy import estimate_energy
-from edgeslim.search._front import baseline_trial, trial_record, _deltas
+from edgeslim.search._front import _deltas, baseline_record, baseline_trial, scored_record, trial_record
 from edgeslim.search._pick import SLO, misses
 from edgeslim.search._spec import StudySpec, _from_table
-from edgeslim.search._study import spec_device
+from edgeslim.search._study import is_dense, spec_device
 from edgeslim.search._workloads import load_workload
 from edgeslim.spaces import CompressionSpace, Plan, SpecError, layer_bits
 
@@ -52,15 +52,9 @@ def open_study_dir(study_dir: Path, storage: str | None = None) -> tuple[optuna.
 def all_records(study: optuna.Study) -> list[dict[str, Any]]:
     """Every completed trial as a front-style record with ``vs_baseline`` deltas."""
     names = list(study.metric_names or [])
-    base_t = baseline_trial(study)
-    base = trial_record(base_t, names) if base_t else {}
-    out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        rec = trial_record(t, names)
-        rec["vs_baseline"] = _deltas(rec, base) if base else {}
-        rec["baseline"] = {k: base[k] for k in (*names, "latency_p95_ms", "per_class_accuracy", "trial") if k in base}
-        out.append(rec)
-    return out
+    base, refined = baseline_record(study, names), study.user_attrs.get("refined")
+    return [scored_record(t, names, base, refined)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
 @dataclasses.dataclass
@@ -114,6 +108,8 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
                    devices_dir: Path = DEVICES_DIR, log: Any = print) -> ExportResult:
     """Re-realize a trial's plan, fine-tune it (same seed), export, re-measure, write a model card.
 
+    The dense plan is exported as given, never fine-tuned (as the search scores it).
+
     The variant lands in ``study_dir/variants/vN`` (never overwriting an earlier version) and,
     with ``out``, is also copied there (``out`` must not already hold a variant).
     """
@@ -135,6 +131,8 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
     torch.manual_seed(spec.seed)
     model = space.realize(workload.model, plan, reduce_range=profile.int8_reduce_range)
     steps = spec.finetune.steps if finetune_steps is None else finetune_steps
+    if is_dense(plan):  # the search's policy: the dense baseline is the model as given
+        steps = 0
     finetune_(model, workload.data, FinetuneConfig(steps=steps, lr=spec.finetune.lr,
                                                     batch_size=spec.finetune.batch_size), spec.seed)
     torch_acc, torch_per_class = evaluate_accuracy(model, workload.data)

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["baseline_trial", "front_entries", "trial_record", "write_front"]
+__all__ = ["baseline_record", "baseline_trial", "front_entries", "scored_record", "trial_record", "write_front"]
 
 METRIC_KEYS = ("latency_p95_ms", "latency_method", "energy_method", "artifact_bytes", "runtime_bits",
                "runtime_kernels", "accuracy_method", "torch_accuracy",
@@ -65,6 +65,36 @@ def _deltas(rec: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+_BASE_KEYS = ("latency_p95_ms", "per_class_accuracy", "trial")
+_SEARCH_KEYS = ("latency_p95_ms", "per_class_accuracy", "accuracy_method", "latency_method",
+                "latency_speedup_paired", "latency_speedup_spread", "latency_reference_ms")
+
+
+def baseline_record(study: optuna.Study, names: Sequence[str]) -> dict[str, Any]:
+    """The dense baseline trial's record, or {} before it completed."""
+    base_t = baseline_trial(study)
+    return trial_record(base_t, names) if base_t else {}
+
+
+def scored_record(trial: FrozenTrial, names: Sequence[str], base: dict[str, Any],
+                  refined: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A trial's record with ``baseline`` and ``vs_baseline``; where the refine stage scored
+    the trial (``refined``: the study's ``refined`` user attribute), its figures replace the
+    search's, which stay under ``search``, and the deltas are taken against the refined dense
+    baseline (the same artifact protocol on both sides)."""
+    rec = trial_record(trial, names)
+    refined = refined or {}
+    again = refined.get("trials", {}).get(str(trial.number))
+    if again:
+        rec["search"] = {k: rec[k] for k in (*names, *_SEARCH_KEYS) if k in rec}
+        rec.update(again)
+        base = refined.get("baseline", base)
+    rec["refined"] = bool(again)
+    rec["baseline"] = {k: base[k] for k in (*names, *_BASE_KEYS) if k in base}
+    rec["vs_baseline"] = _deltas(rec, base) if base else {}
+    return rec
+
+
 def front_entries(study: optuna.Study, names: Sequence[str]) -> list[dict[str, Any]]:
     """Pareto-optimal (and, under budgets, feasible) trials, best accuracy first.
 
@@ -72,22 +102,16 @@ def front_entries(study: optuna.Study, names: Sequence[str]) -> list[dict[str, A
     (accuracy drop in percentage points, largest per-class drop, size/latency/energy ratios;
     the latency ratio is the paired one, timed with the dense artifact in the same windows,
     where the trial has it, with the range of its pairs in ``latency_speedup_spread``).
+    Trials the refine stage scored carry its figures (see :func:`scored_record`).
     """
-    base_t = baseline_trial(study)
-    base = trial_record(base_t, names) if base_t else {}
-    base_small = {k: base[k] for k in (*names, "latency_p95_ms", "per_class_accuracy", "trial") if k in base}
-    entries = []
-    for t in study.best_trials:
-        rec = trial_record(t, names)
-        rec["baseline"] = base_small
-        rec["vs_baseline"] = _deltas(rec, base) if base else {}
-        entries.append(rec)
+    base, refined = baseline_record(study, names), study.user_attrs.get("refined")
+    entries = [scored_record(t, names, base, refined) for t in study.best_trials]
     key = names[0] if names and names[0] == "accuracy" else None
     entries.sort(key=lambda r: (-r[key] if key else 0, r.get("latency_ms", 0), r["trial"]))
     return entries
 
 
-_CSV_COLUMNS = ("trial", "preset", "accuracy", "size_bytes", "latency_ms", "latency_p95_ms", "energy_mj",
+_CSV_COLUMNS = ("trial", "preset", "refined", "accuracy", "size_bytes", "latency_ms", "latency_p95_ms", "energy_mj",
                 "accuracy_drop_pp", "max_class_drop_pp", "size_reduction", "latency_speedup",
                 "energy_reduction", "feasible", "plan_summary", "plan")
 

@@ -147,6 +147,22 @@ class BudgetsSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class RefineSpec:
+    """The refine stage (``edgeslim refine``): the front and the trials within ``margin_pp``
+    accuracy of it are fine-tuned ``steps`` steps (default 10x the search's) at ``lr``
+    (default the search's) and re-scored on their exported artifact.
+
+    Example:
+        >>> RefineSpec().margin_pp
+        0.5
+    """
+
+    steps: int | None = None
+    lr: float | None = None
+    margin_pp: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
 class StudySpec:
     """A whole study: what to compress, on which data and device, how long to search.
 
@@ -173,6 +189,7 @@ class StudySpec:
     finetune: FinetuneSpec = dataclasses.field(default_factory=FinetuneSpec)
     space: SpaceSpec = dataclasses.field(default_factory=SpaceSpec)
     budgets: BudgetsSpec = dataclasses.field(default_factory=BudgetsSpec)
+    refine: RefineSpec = dataclasses.field(default_factory=RefineSpec)
 
     def __post_init__(self) -> None:
         _check_values(self)
@@ -244,11 +261,18 @@ def _check_values(spec: StudySpec) -> None:
         raise SpecError(f"[device] threads must be >= 1, got {spec.device.threads!r}")
     if spec.finetune.steps < 0 or spec.finetune.lr <= 0 or spec.finetune.batch_size < 1:
         raise SpecError(f"[finetune] needs steps >= 0, lr > 0, batch_size >= 1; got {spec.finetune}")
+    r = spec.refine
+    if r.steps is not None and r.steps < 1:
+        raise SpecError(f"[refine] steps must be >= 1, got {r.steps!r}; leave it out for 10x the search's steps")
+    if r.lr is not None and r.lr <= 0:
+        raise SpecError(f"[refine] lr must be > 0, got {r.lr!r}; leave it out for the search's lr")
+    if r.margin_pp < 0:
+        raise SpecError(f"[refine] margin_pp must be >= 0, got {r.margin_pp!r}; 0 refines the front only")
     spec.space.rule_set()
 
 
 # ---- TOML -> dataclasses, with key and type checks --------------------------------------------
-_SECTIONS = {"model", "data", "device", "finetune", "space", "budgets"}
+_SECTIONS = {"model", "data", "device", "finetune", "space", "budgets", "refine"}
 
 
 def _type_name(tp: Any) -> str:

@@ -23,9 +23,10 @@ from edgeslim.search._front import front_entries, write_front
 from edgeslim.search._progress import Progress
 from edgeslim.search._spec import StudySpec, spec_fingerprint
 from edgeslim.search._workloads import Workload, load_workload
-from edgeslim.spaces import CompressionSpace, SpecError
+from edgeslim.spaces import CompressionSpace, Plan, SpecError
 
-__all__ = ["PRESETS", "SearchResult", "make_sampler", "run_search", "BUDGET_METRICS"]
+__all__ = ["PRESETS", "SearchResult", "make_sampler", "run_search", "BUDGET_METRICS", "score_plan", "is_dense",
+           "DENSE_POLICY"]
 
 # name -> (sparsity, rank ratio, bits): enqueued first so every study holds its own baselines
 PRESETS: dict[str, tuple[float, float, int]] = {
@@ -80,7 +81,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise SpecError(f"unknown sampler {name!r}; choose one of ['tpe', 'nsga2', 'random']")
 
 
-def _ordered(names: list[str]) -> list[Objective]:
+def ordered_objectives(names: list[str]) -> list[Objective]:
     """Objectives in evaluation order (dependencies first), keeping the spec's order otherwise."""
     objs = [OBJECTIVES[n]() for n in names]
     return sorted(objs, key=lambda o: len(o.requires))
@@ -138,20 +139,49 @@ def _enqueue_presets(study: optuna.Study, space: CompressionSpace) -> None:
     study.set_user_attr("presets_enqueued", True)
 
 
-def _evaluate(trial: optuna.Trial, space: CompressionSpace, workload: Workload,
-              objectives: list[Objective], ctx: EvalContext, budgets: dict[str, float],
-              names: list[str]) -> list[float]:
-    plan = space.plan_from_params(trial.params)
-    trial.set_user_attr("plan", plan.to_dict())
-    trial.set_user_attr("plan_summary", plan.summary())
+def is_dense(plan: Plan) -> bool:
+    """Whether ``plan`` changes nothing: no pruning, full rank, 32-bit everywhere.
+
+    Example:
+        >>> is_dense(Plan())
+        True
+    """
+    return all(s == 0 for _, s in plan.groups) and all(lp.rank == 1.0 and lp.bits == 32 for _, lp in plan.layers)
+
+
+def score_plan(plan: Plan, space: CompressionSpace, workload: Workload, objectives: list[Objective],
+               ctx: EvalContext) -> Candidate:
+    """The one trial pipeline: realize ``plan``, then run ``objectives`` in dependency order
+    (accuracy fine-tunes the candidate first, so everything after scores the fine-tuned model
+    and its artifact). The search, the refine stage and every preset go through it.
+
+    The dense plan is the user's model itself and is never fine-tuned (``DENSE_POLICY``): a
+    fine-tune of a converged model only drifts it, and every "drop vs dense" is measured
+    against that drifted figure otherwise.
+    """
     space.check(plan)
     torch.manual_seed(ctx.seed)
+    if is_dense(plan):
+        ctx = dataclasses.replace(ctx, finetune=dataclasses.replace(ctx.finetune, steps=0))
     candidate = Candidate(plan, space.realize(workload.model, plan, reduce_range=ctx.device.int8_reduce_range))
     for obj in objectives:
         value = obj.evaluate(candidate, ctx)
         if not math.isfinite(value):
             raise ValueError(f"objective {obj.name} returned {value!r}")
         candidate.metrics[obj.name] = value
+    return candidate
+
+
+DENSE_POLICY = "the dense baseline is the user's model as given: zero fine-tune steps"
+
+
+def _evaluate(trial: optuna.Trial, space: CompressionSpace, workload: Workload,
+              objectives: list[Objective], ctx: EvalContext, budgets: dict[str, float],
+              names: list[str]) -> list[float]:
+    plan = space.plan_from_params(trial.params)
+    trial.set_user_attr("plan", plan.to_dict())
+    trial.set_user_attr("plan_summary", plan.summary())
+    candidate = score_plan(plan, space, workload, objectives, ctx)
     for key, value in candidate.metrics.items():
         trial.set_user_attr(key, value)
     constraints = {}
@@ -180,7 +210,7 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     profile = spec_device(spec, devices_dir)
     workload = load_workload(spec, out_dir, say)
     space = CompressionSpace.build(workload.model, workload.example_input, spec.space.rule_set())
-    objectives = _ordered(spec.objectives)
+    objectives = ordered_objectives(spec.objectives)
     study = _open_study(spec, list(spec.objectives), workload)
     study.set_user_attr("device", profile.describe())
     _enqueue_presets(study, space)

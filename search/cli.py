@@ -41,16 +41,23 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
 
 
 def _front_table(front: list[dict[str, Any]], names: list[str]) -> str:
-    header = f"{'trial':>5} {'preset':<24} {'acc':>7} {'Δacc pp':>8} {'size KB':>9} {'lat ms':>8} {'p95 ms':>8} {'energy mJ*':>10}  plan"
+    refined = any(e.get("refined") for e in front)
+    header = (f"{'trial':>5} {'preset':<24} {'acc':>7} " + (f"{'search':>7} " if refined else "")
+              + f"{'Δacc pp':>8} {'size KB':>9} {'lat ms':>8} {'p95 ms':>8} {'x dense':>8} {'energy mJ*':>10}  plan")
     lines = [header, "-" * len(header)]
     for e in front:
         vs = e.get("vs_baseline", {})
+        search = e.get("search", {}).get("accuracy", float("nan")) if e.get("refined") else float("nan")
         lines.append(
             f"{e['trial']:>5} {e.get('preset', '')[:24]:<24} {e.get('accuracy', float('nan')):>7.4f} "
-            f"{vs.get('accuracy_drop_pp', float('nan')):>8.2f} {e.get('size_bytes', float('nan')) / 1e3:>9.2f} "
+            + (f"{search:>7.4f} " if refined else "")
+            + f"{vs.get('accuracy_drop_pp', float('nan')):>8.2f} {e.get('size_bytes', float('nan')) / 1e3:>9.2f} "
             f"{e.get('latency_ms', float('nan')):>8.4f} {e.get('latency_p95_ms', float('nan')):>8.4f} "
+            f"{vs.get('latency_speedup', float('nan')):>8.2f} "
             f"{e.get('energy_mj', float('nan')):>10.4f}  {e.get('plan_summary', '')}")
-    lines.append("* energy is an estimate from documented constants, not a measurement")
+    lines.append("* energy is an estimate from documented constants, not a measurement"
+                 + ("; x dense: latency ratio timed side by side with the dense artifact"
+                    if any("latency_speedup_paired" in e for e in front) else ""))
     return "\n".join(lines)
 
 
@@ -548,6 +555,24 @@ def _report_export(result: Any) -> int:
     return 1 if result.card["slo_misses"] else 0
 
 
+def cmd_refine(args: argparse.Namespace) -> int:
+    """Fine-tune the front (and trials near it) longer and re-score each on its exported artifact."""
+    from edgeslim.search._refine import refine_study
+
+    result = refine_study(Path(args.study), args.storage, args.steps, args.lr, args.margin_pp,
+                          Path(args.devices_dir))
+    if args.format == "json":
+        print(json.dumps(result.front, indent=2, default=float))
+        return 0
+    names = [n for n in ("accuracy", "size_bytes", "latency_ms", "energy_mj") if result.front and n in result.front[0]]
+    print(_front_table(result.front, names))
+    print(f"refined {len(result.trials)} trials ({result.steps} steps at lr {result.lr:g}) in "
+          f"{result.seconds:.0f} s; accuracy is the exported artifact's, against the dense baseline's artifact\n"
+          f"front:  {result.out_dir / 'pareto.json'}  {result.out_dir / 'pareto.csv'}\n"
+          f"report: {result.out_dir / 'report.html'}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export one trial as a versioned ONNX variant with a model card."""
     from edgeslim.search._export import export_variant
@@ -644,6 +669,16 @@ def _build_parser() -> argparse.ArgumentParser:
             acc.add_argument("--max-accuracy-drop", type=float, help="percentage points below the dense baseline")
             p.add_argument("--max-class-drop", type=float, help="largest per-class drop allowed (pp)")
             continue
+        if name == "refine":
+            p.add_argument("study", help="study folder written by `edgeslim search` (e.g. studies/digits-demo)")
+            p.add_argument("--steps", type=int, help="fine-tune steps (default [refine] steps, else 10x the search's)")
+            p.add_argument("--lr", type=float, help="learning rate (default [refine] lr, else the search's)")
+            p.add_argument("--margin-pp", type=float,
+                           help="also refine trials this many accuracy points from the front (default 0.5)")
+            p.add_argument("--storage", help="Optuna storage URL when the study is not in STUDY/study.db")
+            p.add_argument("--devices-dir", default="studies/devices")
+            p.add_argument("--format", choices=["table", "json"], default="table")
+            continue
         if name == "check-latency":
             p.add_argument("--device", required=True, help="calibrated profile to check")
             p.add_argument("--samples", type=int, help="random plans per workload (default 6)")
@@ -675,6 +710,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "calibrate": (cmd_calibrate, "calibrate a device's latency model (here, as a kit, or from a kit's results)"),
     "check-latency": (cmd_check_latency, "compare a device profile's predictions with measured latency"),
     "pick": (cmd_pick, "pick the best variant under an SLO (exit 3 with the nearest misses if none fits)"),
+    "refine": (cmd_refine, "fine-tune the front longer and re-score it on the exported artifacts"),
     "export": (cmd_export, "export a trial as a versioned ONNX variant with a model card"),
     "variants": (cmd_variants, "list a study's exported variants"),
 }
@@ -697,7 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("edgeslim: error: choose a command, e.g. `edgeslim search`", file=sys.stderr)
         return 2
-    for key in ("trials", "threads", "samples", "finetune_steps"):
+    for key in ("trials", "threads", "samples", "finetune_steps", "steps"):
         value = getattr(args, key, None)
         if value is not None and value < 1:
             parser.print_usage(sys.stderr)

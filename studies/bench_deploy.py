@@ -1,5 +1,5 @@
-"""Benchmark: search, pick the fastest variant within 1 pp of the dense baseline, export it and the
-dense baseline as ONNX, and measure both artifacts side by side in this run.
+"""Benchmark: search, refine the front, pick the fastest variant within 1 pp of the dense baseline,
+export it and the dense baseline as ONNX, and time both artifacts side by side (paired) in this run.
 
 Usage: python studies/bench_deploy.py [--trials N] [--device NAME] [--torchvision NAME] [--tv-finetune-steps N]
 Workloads: the built-in digits-resnet (>= 1 ms) and a torchvision network (resnet18 unless
@@ -26,7 +26,10 @@ def main() -> None:
     parser.add_argument("--tv-finetune-steps", type=int, default=150,
                         help="fine-tune steps per trial for the torchvision network")
     parser.add_argument("--only", choices=["builtin", "torchvision"], help="run one of the two rows")
+    parser.add_argument("--refine-steps", type=int, help="refine steps (default 10x the search's)")
     args = parser.parse_args()
+
+    import time
 
     import onnxruntime
 
@@ -34,6 +37,8 @@ def main() -> None:
     from edgeslim.search import demo_spec, load_spec, run_search
     from edgeslim.search._export import all_records, export_variant
     from edgeslim.search._pick import SLO, NoFitError, select
+    from edgeslim.search._refine import refine_study
+    from edgeslim.objectives._runner import device_facts
     from edgeslim.search._spec import DataSpec, DeviceSpec, FinetuneSpec, ModelSpec, RuleSpec, SpaceSpec
 
     here = Path(__file__).parent
@@ -51,14 +56,19 @@ def main() -> None:
     }
     if args.only:
         specs = {k: v for k, v in specs.items() if (k == tv_label) == (args.only == "torchvision")}
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}, "
-          f"device {args.device}")
+    facts = device_facts(1)
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in facts.get("isa_flags", [])]
+    print(f"machine: {facts.get('cpu_model', platform.processor())} ({platform.machine()}, {os.cpu_count()} cores, "
+          f"{' '.join(isa)}), onnxruntime {onnxruntime.__version__}, device {args.device}")
     rows = []
     for label, spec in specs.items():
         out = Path(tempfile.mkdtemp(prefix="edgeslim-deploy-"))
         spec = spec.replace(out_dir=str(out), trials=args.trials, device=DeviceSpec(name=args.device))
+        t0 = time.perf_counter()
         result = run_search(spec, devices_dir=Path("studies/devices"))
-        records = all_records(result.study)
+        search_s = time.perf_counter() - t0
+        refined = refine_study(out, steps=args.refine_steps, log=lambda m: None)
+        records = all_records(result.study)  # refined figures where the refine stage scored the trial
         try:
             best = select([r for r in records if r.get("preset") != "dense"] or records,
                           SLO(max_accuracy_drop_pp=args.max_drop_pp))
@@ -68,19 +78,22 @@ def main() -> None:
         pick = min((r for r in records if r["vs_baseline"].get("accuracy_drop_pp", 1e9) <= args.max_drop_pp
                     and r.get("preset") != "dense"), key=lambda r: r["latency_ms"], default=best)
         dense = export_variant(out, 0, log=lambda m: None)
-        variant = export_variant(out, pick["trial"], log=lambda m: None)
+        steps = refined.steps if pick.get("refined") else None
+        variant = export_variant(out, pick["trial"], finetune_steps=steps, log=lambda m: None)
         shape = tuple(result.workload.example_input.shape)
-        d_lat = measure_latency(dense.folder / "model.onnx", shape, budget_s=2.0)
-        v_lat = measure_latency(variant.folder / "model.onnx", shape, budget_s=2.0)
+        paired = measure_latency(variant.folder / "model.onnx", shape, budget_s=4.0,
+                                 reference=dense.folder / "model.onnx")
         va, da = variant.card["artifact"], dense.card["artifact"]
-        rows.append((label, pick["trial"], da["accuracy"], va["accuracy"], d_lat.p50_ms, v_lat.p50_ms,
-                     da["bytes"], va["bytes"], pick["latency_ms"], pick.get("latency_method", ""), pick["plan_summary"]))
-    print("\n| workload | trial | dense acc | variant acc | dense p50 ms | variant p50 ms | speedup | dense KB | "
-          "variant KB | size reduction | search latency ms | gap vs artifact |")
+        rows.append((label, pick["trial"], da["accuracy"], va["accuracy"], paired.reference_p50_ms, paired.p50_ms,
+                     paired.speedup, paired.speedup_spread, da["bytes"], va["bytes"], search_s, refined.seconds,
+                     len(refined.trials), pick["plan_summary"], "refined" if pick.get("refined") else "search"))
+    print("\n| workload | trial | dense acc | variant acc | dense p50 ms | variant p50 ms | speedup (pair range) | "
+          "dense KB | variant KB | size reduction | search s | refine s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (label, trial, dacc, vacc, dl, vl, db, vb, sl, method, plan) in rows:
-        print(f"| {label} | {trial} | {dacc:.4f} | {vacc:.4f} | {dl:.3f} | {vl:.3f} | {dl / vl:.2f}x | {db / 1e3:.1f} | "
-              f"{vb / 1e3:.1f} | {db / vb:.2f}x | {sl:.3f} ({method.split(':')[0]}) | {sl / vl - 1:+.1%} |")
+    for (label, trial, dacc, vacc, dl, vl, sp, spread, db, vb, ss, rs, nref, plan, source) in rows:
+        print(f"| {label} | {trial} ({source}) | {dacc:.4f} | {vacc:.4f} | {dl:.3f} | {vl:.3f} | "
+              f"{sp:.2f}x ({spread[0]:.2f}-{spread[1]:.2f}) | {db / 1e3:.1f} | {vb / 1e3:.1f} | {db / vb:.2f}x | "
+              f"{ss:.0f} | {rs:.0f} ({nref} trials) |")
         print(f"|   plan: {plan} |")
 
 
