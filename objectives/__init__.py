@@ -13,7 +13,7 @@ from edgeslim.objectives._accuracy import AccuracyObjective, evaluate_accuracy, 
 from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
 from edgeslim.objectives._data import batches, sample_inputs
 from edgeslim.objectives._device import (DEVICES_DIR, DeviceProfile, EnergyConstants, ProfileError, known_devices,
-                                         load_device)
+                                         load_device, probe_nchwc_block)
 from edgeslim.objectives._energy import EnergyBreakdown, EnergyObjective, estimate_energy
 from edgeslim.objectives._export import RUNTIME_KERNELS, LatencyStats, build_artifact, export_onnx, measure_latency, quantize_onnx
 from edgeslim.objectives._kernels import Kernel, extract_kernels, kernel_type
@@ -27,7 +27,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 __all__ = sorted([
     "DEVICES_DIR", "Kernel", "LatencyModel", "ProfileError", "extract_kernels", "kernel_type", "known_devices",
-    "load_device", "AccuracyObjective", "Candidate", "DataSplits", "DeviceProfile", "EnergyBreakdown",
+    "load_device", "probe_nchwc_block", "AccuracyObjective", "Candidate", "DataSplits", "DeviceProfile", "EnergyBreakdown",
     "EnergyConstants", "EnergyObjective", "EvalContext", "FinetuneConfig", "LatencyObjective",
     "LatencyStats", "OBJECTIVES", "evaluate_onnx_accuracy", "RUNTIME_KERNELS", "Objective", "SizeObjective", "batches", "build_artifact",
     "estimate_energy", "evaluate_accuracy", "export_onnx", "finetune_", "measure_latency",

@@ -21,7 +21,8 @@ from edgeslim.spaces import SpecError
 if TYPE_CHECKING:
     from edgeslim.objectives._latency_model import LatencyModel
 
-__all__ = ["DEVICES_DIR", "DeviceProfile", "EnergyConstants", "ProfileError", "known_devices", "load_device"]
+__all__ = ["DEVICES_DIR", "DeviceProfile", "EnergyConstants", "ProfileError", "known_devices", "load_device",
+           "probe_nchwc_block"]
 
 PROFILE_SCHEMA = "edgeslim.device-profile"
 PROFILE_VERSION = 1
@@ -106,8 +107,29 @@ class DeviceProfile:
 
             facts = device_facts(self.threads)
         x86 = str(facts.get("machine", "")).lower() in ("x86_64", "amd64", "i686", "x86")
-        vnni = {"avx512_vnni", "avx_vnni", "amx_int8"} & set(facts.get("isa_flags", []))
+        flags = set(facts.get("isa_flags", []))
+        vnni = {"avx512_vnni", "avx_vnni", "amx_int8"} & flags
+        if x86 and not vnni and "avx2" not in flags and ("x86", self.name) not in _WARNED:
+            _WARNED.add(("x86", self.name))
+            warnings.warn(f"device {self.name!r} ({facts.get('cpu_model', 'unknown CPU')}) has neither AVX2 nor "
+                          "VNNI: ONNX Runtime's int8 kernels there are not emulated; fine-tuning assumes the AVX2 "
+                          "kernels (7-bit weights). Score with `--score artifact` to measure the real artifact",
+                          stacklevel=2)
         return x86 and not vnni
+
+    @property
+    def channel_multiple(self) -> int:
+        """Channel count that ONNX Runtime's blocked (NCHWc) float convs run best at here: the
+        block size probed on the device (:func:`probe_nchwc_block`), 1 where it is unknown (a
+        profile calibrated before the probe existed, or from a remote kit).
+
+        Pruning to a multiple of it pays: on an AVX-512 Xeon a digits CNN pruned from 16/32/64
+        to 12/24/48 channels ran 21.8 us against 18.9 us dense (the blocks are padded back),
+        to 16/16/48 15.7 us.
+        """
+        if "nchwc_block" in self.facts:
+            return int(self.facts["nchwc_block"])
+        return probe_nchwc_block() if self.name == "local" else 1
 
     @property
     def predicts_latency(self) -> bool:
@@ -249,3 +271,46 @@ def load_device(name: str, threads: int | None = None, devices_dir: Path = DEVIC
         raise ProfileError(f"device {name!r} was calibrated with {profile.threads} thread(s), not {threads}; "
                            f"calibrate it again with --threads {threads} under another name")
     return profile
+
+
+_NCHWC_BLOCK: list[int] = []  # probed once per process
+_WARNED: set[tuple[str, str]] = set()
+
+
+def probe_nchwc_block() -> int:
+    """The channel block ONNX Runtime's CPU provider uses for blocked float convs here (8 with
+    AVX2, 16 with AVX-512; 1 where it does not block). Found, not assumed: a 3-channel conv is
+    optimized by ONNX Runtime and its reordered weight shows how far the channels were padded.
+
+    Example:
+        >>> probe_nchwc_block() in (1, 4, 8, 16)
+        True
+    """
+    if _NCHWC_BLOCK:
+        return _NCHWC_BLOCK[0]
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((3, 8, 3, 3), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 16])], [w])
+    block = 1
+    with tempfile.TemporaryDirectory(prefix="edgeslim-probe-") as tmp:
+        src, opt = Path(tmp) / "conv.onnx", Path(tmp) / "optimized.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(opt)
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        for node in onnx.load(str(opt)).graph.node:
+            if node.op_type == "Conv" and node.domain == "com.microsoft.nchwc":
+                inits = {i.name: i for i in onnx.load(str(opt)).graph.initializer}
+                block = int(inits[node.input[1]].dims[0]) if node.input[1] in inits else 1
+    _NCHWC_BLOCK.append(block)
+    return block

@@ -23,9 +23,9 @@ from edgeslim.objectives._energy import estimate_energy
 from edgeslim.search._front import _deltas, baseline_record, baseline_trial, scored_record, trial_record
 from edgeslim.search._pick import SLO, misses
 from edgeslim.search._spec import StudySpec, _from_table
-from edgeslim.search._study import is_dense, spec_device
+from edgeslim.search._study import is_dense, spec_device, study_space
 from edgeslim.search._workloads import load_workload
-from edgeslim.spaces import CompressionSpace, Plan, SpecError, layer_bits
+from edgeslim.spaces import Plan, SpecError, layer_bits
 
 __all__ = ["ExportResult", "all_records", "export_variant", "list_variants", "open_study_dir"]
 
@@ -126,7 +126,7 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
     if study.user_attrs.get("base_model_hash") not in (None, workload.model_hash):
         raise SpecError("the base model changed since the search; exporting would not reproduce the trial")
     profile = spec_device(spec, devices_dir)
-    space = CompressionSpace.build(workload.model, workload.example_input, spec.space.rule_set())
+    space = study_space(spec, workload, profile, study)
     plan = Plan.from_dict(trial.user_attrs["plan"])
     torch.manual_seed(spec.seed)
     model = space.realize(workload.model, plan, reduce_range=profile.int8_reduce_range)

@@ -17,9 +17,9 @@ from edgeslim.objectives import DEVICES_DIR, EvalContext, FinetuneConfig, export
 from edgeslim.search._export import open_study_dir
 from edgeslim.search._front import front_entries, write_front
 from edgeslim.search._progress import Progress
-from edgeslim.search._study import is_dense, ordered_objectives, score_plan, spec_device
+from edgeslim.search._study import is_dense, ordered_objectives, score_plan, spec_device, study_space
 from edgeslim.search._workloads import load_workload
-from edgeslim.spaces import CompressionSpace, Plan, SpecError
+from edgeslim.spaces import Plan, SpecError
 
 __all__ = ["RefineResult", "near_front", "refine_study"]
 
@@ -115,7 +115,7 @@ def refine_study(study_dir: Path, storage: str | None = None, steps: int | None 
     if study.user_attrs.get("base_model_hash") not in (None, workload.model_hash):
         raise SpecError("the base model changed since the search; refining would not score the searched trials")
     profile = spec_device(spec, devices_dir)
-    space = CompressionSpace.build(workload.model, workload.example_input, spec.space.rule_set())
+    space = study_space(spec, workload, profile, study)
     chosen = near_front(study, names, margin)
     say(f"refining {len(chosen)} trials of {study.study_name!r} ({len(study.best_trials)} on the front, "
         f"margin {margin} pp): {steps} fine-tune steps at lr {lr:g}, scored on the exported artifact")

@@ -118,6 +118,9 @@ class SpaceSpec:
     """
 
     rules: dict[str, RuleSpec] = dataclasses.field(default_factory=dict)
+    # pruned groups keep a multiple of this many channels; 0: the target device's probed conv
+    # channel block (16 on AVX-512, 8 on AVX2), 1: no rounding
+    channel_multiple: int = 1
 
     def rule_set(self) -> RuleSet:
         """Resolved rules (exact FQN, then regex, then default)."""
@@ -268,6 +271,9 @@ def _check_values(spec: StudySpec) -> None:
         raise SpecError(f"[refine] lr must be > 0, got {r.lr!r}; leave it out for the search's lr")
     if r.margin_pp < 0:
         raise SpecError(f"[refine] margin_pp must be >= 0, got {r.margin_pp!r}; 0 refines the front only")
+    if spec.space.channel_multiple < 0:
+        raise SpecError(f"[space] channel_multiple must be >= 0, got {spec.space.channel_multiple!r}; "
+                        "0 rounds to the device's channel block, 1 does not round")
     spec.space.rule_set()
 
 
@@ -384,4 +390,6 @@ def spec_fingerprint(spec: StudySpec) -> str:
     """JSON of the parts that define the study's search space and scoring (for resume checks)."""
     keep = {k: v for k, v in spec.to_dict().items()
             if k in ("objectives", "model", "data", "device", "finetune", "space", "seed")}
+    if keep["space"].get("channel_multiple") == 1:  # the default: studies from before the option resume
+        del keep["space"]["channel_multiple"]
     return json.dumps(keep, sort_keys=True)

@@ -26,7 +26,7 @@ from edgeslim.search._workloads import Workload, load_workload
 from edgeslim.spaces import CompressionSpace, Plan, SpecError
 
 __all__ = ["PRESETS", "SearchResult", "make_sampler", "run_search", "BUDGET_METRICS", "score_plan", "is_dense",
-           "DENSE_POLICY"]
+           "DENSE_POLICY", "study_space"]
 
 # name -> (sparsity, rank ratio, bits): enqueued first so every study holds its own baselines
 PRESETS: dict[str, tuple[float, float, int]] = {
@@ -91,6 +91,18 @@ def spec_device(spec: StudySpec, devices_dir: Path = DEVICES_DIR) -> DeviceProfi
     """The device profile a spec names; ``[device] threads`` applies to ``local`` only, since a
     calibrated profile carries the thread count it was measured with."""
     return load_device(spec.device.name, spec.device.threads if spec.device.name == "local" else None, devices_dir)
+
+
+def study_space(spec: StudySpec, workload: Workload, profile: DeviceProfile,
+                study: optuna.Study | None = None) -> CompressionSpace:
+    """The compression space of a study: the spec's rules, and pruned channel counts rounded
+    to ``[space] channel_multiple`` (0: the device's probed channel block). A study keeps the
+    multiple it was searched with (user attribute ``channel_multiple``), so export and refine
+    realize its plans as the search did, on any machine."""
+    multiple = study.user_attrs.get("channel_multiple") if study is not None else None
+    if multiple is None:
+        multiple = spec.space.channel_multiple or profile.channel_multiple
+    return CompressionSpace.build(workload.model, workload.example_input, spec.space.rule_set(), int(multiple))
 
 
 def _open_study(spec: StudySpec, objectives: list[str], workload: Workload) -> optuna.Study:
@@ -209,16 +221,18 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     out_dir.mkdir(parents=True, exist_ok=True)
     profile = spec_device(spec, devices_dir)
     workload = load_workload(spec, out_dir, say)
-    space = CompressionSpace.build(workload.model, workload.example_input, spec.space.rule_set())
     objectives = ordered_objectives(spec.objectives)
     study = _open_study(spec, list(spec.objectives), workload)
+    space = study_space(spec, workload, profile, study)
+    study.set_user_attr("channel_multiple", space.channel_multiple)
     study.set_user_attr("device", profile.describe())
     _enqueue_presets(study, space)
     budgets = spec.budgets.active()
     names = list(spec.objectives)
     say(f"study {spec.name!r}: {workload.description}, base accuracy {workload.base_accuracy:.4f}; "
         f"{len(space.distributions())} knobs over {len(space.layers)} layers / {len(space.groups)} "
-        f"pruning groups; storage {spec.storage_url}\n{profile.describe()}"
+        f"pruning groups" + (f" (kept channels rounded to multiples of {space.channel_multiple})"
+                             if space.channel_multiple > 1 else "") + f"; storage {spec.storage_url}\n{profile.describe()}"
         + ("; accuracy scored on each trial's exported ONNX artifact" if spec.finetune.score == "artifact" else ""))
     ctx = EvalContext(
         data=workload.data, example_input=workload.example_input,

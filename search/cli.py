@@ -80,12 +80,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_inventory(args: argparse.Namespace) -> int:
     """List the model's layers, pruning groups and knobs without searching."""
+    from edgeslim.search._study import spec_device, study_space
     from edgeslim.search._workloads import load_workload
-    from edgeslim.spaces import CompressionSpace
 
     spec = _spec_from_args(args)
     work = load_workload(spec, spec.output_dir, lambda m: print(m, file=sys.stderr))
-    space = CompressionSpace.build(work.model, work.example_input, spec.space.rule_set())
+    space = study_space(spec, work, spec_device(spec, Path(args.devices_dir)))
     if args.format == "json":
         print(json.dumps({
             "layers": [dataclasses.asdict(l) for l in space.layers],
@@ -159,7 +159,7 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
     import datetime as dt
     import os
 
-    from edgeslim.objectives import _calibrate, _runner, kernel_type
+    from edgeslim.objectives import _calibrate, _runner, kernel_type, probe_nchwc_block
     from edgeslim.objectives._device import DeviceProfile, EnergyConstants, ProfileError, profile_id
     from edgeslim.search._progress import Progress
 
@@ -254,6 +254,7 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
         result = _calibrate.calibrate(args.device, threads, mode, args.seed or 0, progress, reader, focus=focus,
                                       networks=networks, say=say)
         facts, protocol = _runner.device_facts(threads), dict(_runner.PROTOCOL)
+        facts["nchwc_block"] = probe_nchwc_block()  # what [space] channel_multiple = 0 rounds to
         if reader is not None:
             fitted = _calibrate.fit_energy(result.kernels, result.measurements,
                                            f"fitted to {meter} readings during calibration on {created}")

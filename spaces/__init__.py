@@ -18,12 +18,12 @@ from edgeslim.spaces._lowrank import factorize, rank_for, svd_pair
 from edgeslim.spaces._plan import LayerPlan, Plan
 from edgeslim.spaces._quant import (NBITS_BLOCK, QuantizedLayer, dequantized_copy, layer_bits, quantize_weight,
                                     quantize_weight_blockwise, weight_qmax)
-from edgeslim.spaces._space import CompressionSpace, PruneGroup, link_quantizers_
+from edgeslim.spaces._space import CompressionSpace, PruneGroup, link_quantizers_, pruned_count
 
 __all__ = sorted([
     "BitsKnob", "CompressionSpace", "EdgeslimError", "InfeasiblePlanError", "Knob", "LayerInfo",
     "LayerPlan", "LayerRule", "ObjectiveError", "Plan", "PruneGroup", "QuantizedLayer", "RankKnob",
     "RuleSet", "SUPPORTED_BITS", "SpaceError", "SparsityKnob", "SpecError", "dequantized_copy",
     "factorize", "inventory", "layer_bits", "layer_macs", "link_quantizers_", "quantize_weight", "quantize_weight_blockwise",
-    "NBITS_BLOCK", "rank_for", "svd_pair", "weight_qmax",
+    "NBITS_BLOCK", "pruned_count", "rank_for", "svd_pair", "weight_qmax",
 ])

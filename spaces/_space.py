@@ -22,7 +22,7 @@ from edgeslim.spaces._lowrank import factorize, factorized_params, rank_for
 from edgeslim.spaces._plan import LayerPlan, Plan
 from edgeslim.spaces._quant import QuantizedLayer, _set_submodule
 
-__all__ = ["CompressionSpace", "PruneGroup", "link_quantizers_"]
+__all__ = ["CompressionSpace", "PruneGroup", "link_quantizers_", "pruned_count"]
 
 log = logging.getLogger("edgeslim")
 
@@ -45,8 +45,23 @@ class PruneGroup:
     channels: int
 
 
-def _pruned_count(channels: int, sparsity: float) -> int:
-    return int(sparsity * channels + 1e-9)
+def pruned_count(channels: int, sparsity: float, multiple: int = 1) -> int:
+    """Channels a group of ``channels`` loses at ``sparsity``; with ``multiple`` > 1 the kept
+    count is rounded to the nearest multiple of it (at least one multiple), the channel block a
+    CPU's conv kernels compute in: a group no larger than one block is not pruned at all, since
+    the kernel pads it back to a full block anyway.
+
+    Example:
+        >>> pruned_count(64, 0.25), pruned_count(32, 0.25, 16), pruned_count(64, 0.25, 16), pruned_count(12, 0.5, 16)
+        (16, 0, 16, 0)
+    """
+    n = int(sparsity * channels + 1e-9)
+    if multiple <= 1 or n == 0:
+        return n
+    if channels <= multiple:
+        return 0
+    kept = max(multiple, int((channels - n) / multiple + 0.5) * multiple)
+    return max(channels - kept, 0)
 
 
 class CompressionSpace:
@@ -65,7 +80,8 @@ class CompressionSpace:
 
     def __init__(self, layers: tuple[LayerInfo, ...], groups: tuple[PruneGroup, ...],
                  knobs: tuple[Knob, ...], example_input: torch.Tensor,
-                 excluded: Mapping[str, str]) -> None:
+                 excluded: Mapping[str, str], channel_multiple: int = 1) -> None:
+        self.channel_multiple = channel_multiple
         self.layers = layers
         self.groups = groups
         self.knobs = knobs
@@ -74,11 +90,14 @@ class CompressionSpace:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def build(cls, model: nn.Module, example_input: torch.Tensor, rules: RuleSet | None = None) -> CompressionSpace:
+    def build(cls, model: nn.Module, example_input: torch.Tensor, rules: RuleSet | None = None,
+              channel_multiple: int = 1) -> CompressionSpace:
         """Inventory ``model``, find coupled pruning groups with torch-pruning, apply ``rules``.
 
         Layers that cannot be pruned safely are left out of the sparsity space with a warning
-        naming them; they keep their rank and bits knobs.
+        naming them; they keep their rank and bits knobs. With ``channel_multiple`` > 1 pruned
+        groups keep a multiple of that many channels (see :func:`pruned_count`), and sparsity
+        choices that would keep the same count are merged into the smallest of them.
         Raises :class:`SpaceError` when nothing is left to search.
         """
         rules = rules or RuleSet()
@@ -102,7 +121,14 @@ class CompressionSpace:
             choices = set(member_rules[0].sparsity or (0.0,))
             for r in member_rules[1:]:
                 choices &= set(r.sparsity or (0.0,))
-            choices = {c for c in choices if g.channels - _pruned_count(g.channels, c) >= 1}
+            if channel_multiple < 1:
+                raise SpaceError(f"channel_multiple must be >= 1, got {channel_multiple!r}; use 1 for no rounding")
+            choices = {c for c in choices if g.channels - pruned_count(g.channels, c, channel_multiple) >= 1}
+            if channel_multiple > 1:
+                by_count: dict[int, float] = {}
+                for c in sorted(choices):
+                    by_count.setdefault(pruned_count(g.channels, c, channel_multiple), c)
+                choices = set(by_count.values())
             if choices - {0.0}:
                 knobs.append(SparsityKnob(g.name, tuple(sorted(choices | {0.0}))))
         for layer in layers:
@@ -115,7 +141,7 @@ class CompressionSpace:
             bits = tuple(rule.bits or (32,))
             if bits != (32,):
                 knobs.append(BitsKnob(layer.name, bits))
-        space = cls(layers, groups, tuple(knobs), example_input, excluded)
+        space = cls(layers, groups, tuple(knobs), example_input, excluded, channel_multiple)
         if not space.distributions():
             raise SpaceError(
                 "nothing to search: every layer is frozen or has a single allowed value; "
@@ -184,7 +210,7 @@ class CompressionSpace:
                 raise InfeasiblePlanError(f"sparsity of group {name!r} must be in [0, 1), got {s!r} "
                                           "(1.0 would remove every channel); lower it")
             g = groups[name]
-            if g.channels - _pruned_count(g.channels, s) < 1:
+            if g.channels - pruned_count(g.channels, s, self.channel_multiple) < 1:
                 raise InfeasiblePlanError(
                     f"sparsity {s!r} prunes group {name!r} to zero of its {g.channels} channels; "
                     "lower its sparsity")
@@ -433,7 +459,7 @@ def _prune_(model: nn.Module, space: CompressionSpace, plan: Plan) -> None:
     importance = tp.importance.GroupMagnitudeImportance(p=1)
     for g in space.groups:
         s = plan.sparsity_of(g.name)
-        n = _pruned_count(g.channels, s)
+        n = pruned_count(g.channels, s, space.channel_multiple)
         if n == 0:
             continue
         root = model.get_submodule(g.root)

@@ -159,3 +159,12 @@ def test_objective_conformance(cls, tiny, example, ctx):
         assert values[0] == values[1]
     if cls is EnergyObjective:
         assert cand.metrics["energy_method"].startswith("estimate")
+
+
+def test_int8_numerics_follow_the_probed_isa():
+    assert DeviceProfile("vnni", facts={"machine": "x86_64", "isa_flags": ["avx2", "avx512_vnni"]}).int8_reduce_range is False
+    assert DeviceProfile("avx2", facts={"machine": "x86_64", "isa_flags": ["avx2", "fma"]}).int8_reduce_range is True
+    assert DeviceProfile("arm", facts={"machine": "aarch64", "isa_flags": ["asimddp"]}).int8_reduce_range is False
+    old = DeviceProfile("old-x86", facts={"machine": "x86_64", "isa_flags": ["sse4_2"], "cpu_model": "Atom N270"})
+    with pytest.warns(UserWarning, match="'old-x86' \\(Atom N270\\) has neither AVX2 nor VNNI.*--score artifact"):
+        assert old.int8_reduce_range is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 
 from edgeslim.spaces import (
     CompressionSpace, InfeasiblePlanError, LayerPlan, LayerRule, Plan, QuantizedLayer, RuleSet,
-    SpaceError, factorize, inventory, quantize_weight, svd_pair,
+    SpaceError, SpecError, factorize, inventory, quantize_weight, svd_pair,
 )
 
 
@@ -196,3 +197,35 @@ def test_torchvision_models_realize(name):
     assert plan.groups and any(lp.rank < 1 for _, lp in plan.layers)
     out = space.realize(m, plan)(x)
     assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+def test_channel_multiple_rounds_kept_channels_to_the_block():
+    from edgeslim.search import DigitsResNet
+
+    torch.manual_seed(0)
+    model, x = DigitsResNet().eval(), torch.randn(1, 1, 32, 32)
+    space = CompressionSpace.build(model, x, channel_multiple=16)
+    for sparsity in (0.25, 0.5, 0.75):
+        pruned = space.realize(model, space.uniform_plan(sparsity=sparsity))
+        widths = {m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)}
+        assert all(w % 16 == 0 for w in widths), (sparsity, widths)
+        assert pruned(x).shape == (1, 10)
+    # choices that keep the same count merge (a group of one block, 16 channels, is not pruned at all)
+    knobs = {k.target: k.choices for k in space.knobs if k.param_name.endswith(".sparsity")}
+    assert all(len(set(choices)) == len(choices) for choices in knobs.values())
+    plain = CompressionSpace.build(model, x)
+    assert plain.channel_multiple == 1
+    widths = {m.out_channels for m in plain.realize(model, plain.uniform_plan(sparsity=0.25)).modules()
+              if isinstance(m, nn.Conv2d)}
+    assert 12 in widths  # without rounding 25 % of 16 channels go
+
+
+def test_channel_multiple_in_the_spec():
+    from edgeslim.search import demo_spec
+    from edgeslim.search._spec import SpaceSpec, spec_fingerprint
+
+    assert "channel_multiple" not in spec_fingerprint(demo_spec())  # old studies still resume
+    spec = demo_spec().replace(space=dataclasses.replace(demo_spec().space, channel_multiple=0))
+    assert '"channel_multiple": 0' in spec_fingerprint(spec)
+    with pytest.raises(SpecError, match="channel_multiple must be >= 0, got -1"):
+        demo_spec().replace(space=SpaceSpec(channel_multiple=-1))
