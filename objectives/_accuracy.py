@@ -103,6 +103,7 @@ class AccuracyObjective(Objective):
     name = "accuracy"
     direction = "maximize"
     unit = ""
+    mutates = True  # fine-tunes the candidate in place: runs before the other objectives
 
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> float:
         loss = finetune_(candidate.model, ctx.data, ctx.finetune, ctx.seed)

@@ -91,7 +91,9 @@ class Objective(abc.ABC):
     """One scored quantity. Subclasses set ``name``, ``direction`` and ``unit``.
 
     ``requires`` lists objectives whose results this one reads from ``candidate.metrics``;
-    the study orders objectives so those run first.
+    the study orders objectives so those run first. An objective that changes the candidate
+    (``mutates``: accuracy fine-tunes it) runs before every other, whatever the spec's order,
+    so that size, latency and energy score the fine-tuned model and its artifact.
 
     Example:
         >>> class ParamCount(Objective):
@@ -107,6 +109,7 @@ class Objective(abc.ABC):
     unit: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
     estimated: ClassVar[bool] = False
+    mutates: ClassVar[bool] = False
 
     @abc.abstractmethod
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> float:

@@ -82,9 +82,15 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def ordered_objectives(names: list[str]) -> list[Objective]:
-    """Objectives in evaluation order (dependencies first), keeping the spec's order otherwise."""
+    """Objectives in evaluation order: those that change the candidate (fine-tuning) first,
+    then dependencies before their dependents, keeping the spec's order otherwise.
+
+    Example:
+        >>> [o.name for o in ordered_objectives(["energy_mj", "latency_ms", "accuracy"])]
+        ['accuracy', 'latency_ms', 'energy_mj']
+    """
     objs = [OBJECTIVES[n]() for n in names]
-    return sorted(objs, key=lambda o: len(o.requires))
+    return sorted(objs, key=lambda o: (not o.mutates, len(o.requires)))
 
 
 def spec_device(spec: StudySpec, devices_dir: Path = DEVICES_DIR) -> DeviceProfile:
@@ -225,6 +231,7 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     study = _open_study(spec, list(spec.objectives), workload)
     space = study_space(spec, workload, profile, study)
     study.set_user_attr("channel_multiple", space.channel_multiple)
+    study.set_user_attr("dense_policy", DENSE_POLICY)
     study.set_user_attr("device", profile.describe())
     _enqueue_presets(study, space)
     budgets = spec.budgets.active()

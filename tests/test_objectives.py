@@ -168,3 +168,11 @@ def test_int8_numerics_follow_the_probed_isa():
     old = DeviceProfile("old-x86", facts={"machine": "x86_64", "isa_flags": ["sse4_2"], "cpu_model": "Atom N270"})
     with pytest.warns(UserWarning, match="'old-x86' \\(Atom N270\\) has neither AVX2 nor VNNI.*--score artifact"):
         assert old.int8_reduce_range is True
+
+
+def test_fine_tuning_runs_before_every_other_objective():
+    """A spec listing latency before accuracy still scores the fine-tuned model's artifact."""
+    from edgeslim.search._study import ordered_objectives
+
+    assert [o.name for o in ordered_objectives(["energy_mj", "latency_ms", "size_bytes", "accuracy"])] == [
+        "accuracy", "latency_ms", "size_bytes", "energy_mj"]
