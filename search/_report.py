@@ -115,11 +115,16 @@ def _fmt(v: Any) -> str:
 def _front_table(data: ReportData) -> str:
     cols = ["trial", "preset", *data.names, "latency_p95_ms"]
     extra = ["accuracy_drop_pp", "max_class_drop_pp", "size_reduction", "latency_speedup"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in [*cols, *extra, "plan"])
+    refined = any(e.get("refined") for e in data.front)  # then the search's accuracy stands beside
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in
+                   [*cols, *(["search accuracy"] if refined else []), *extra, "plan"])
     rows = []
     for e in data.front:
         vs = e.get("vs_baseline", {})
-        cells = [_fmt(e.get(c, "")) for c in cols] + [_fmt(vs.get(c, "")) for c in extra]
+        cells = [_fmt(e.get(c, "")) for c in cols]
+        if refined:
+            cells.append(_fmt(e.get("search", {}).get("accuracy", "")))
+        cells += [_fmt(vs.get(c, "")) for c in extra]
         cells.append(_fmt(e.get("plan_summary", "")))
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"

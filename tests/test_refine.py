@@ -46,6 +46,8 @@ def test_refine_scores_the_front_on_artifacts_and_keeps_search_figures(small_stu
         assert e["vs_baseline"]["accuracy_drop_pp"] == pytest.approx(
             100 * (refined["baseline"]["accuracy"] - e["accuracy"]))
         assert e["refine"]["steps"] == (0 if e["preset"] == "dense" else 30)
+    html = (small_study.out_dir / "report.html").read_text()
+    assert "search accuracy" in html and "(refined)" in html
     # the trials themselves are untouched: resuming the search sees the search's values
     assert [t.values for t in stored.trials] == [t.values for t in study.trials]
 
