@@ -325,7 +325,9 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
     the same interleaved windows, in ``max(sessions, PAIRS)`` fresh pairs sharing ``budget_s``
     each: ``speedup`` is the ratio of the pooled medians and ``speedup_spread`` the range of
     the per-pair ratios. A VM's speed state moves both sides of a pair alike, so a pruned
-    variant no longer measures slower than dense because it was timed in a slow minute.
+    variant no longer measures slower than dense because it was timed in a slow minute. With
+    more than one thread the two files of a pair are timed one after the other instead of
+    interleaved (an idle session's thread pool slows the running one, see ``measure_files``).
 
     Example:
         >>> s = measure_latency(Path("variant.onnx"), (1, 3, 32, 32), reference=Path("dense.onnx"))  # doctest: +SKIP

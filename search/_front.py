@@ -87,6 +87,8 @@ def scored_record(trial: FrozenTrial, names: Sequence[str], base: dict[str, Any]
     again = refined.get("trials", {}).get(str(trial.number))
     if again:
         rec["search"] = {k: rec[k] for k in (*names, *_SEARCH_KEYS) if k in rec}
+        for key in _SEARCH_KEYS:  # no search-time side figure may pass for a refined one
+            rec.pop(key, None)
         rec.update(again)
         base = refined.get("baseline", base)
     rec["refined"] = bool(again)

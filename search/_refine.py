@@ -136,7 +136,9 @@ def refine_study(study_dir: Path, storage: str | None = None, steps: int | None 
         out["baseline"] = {**_record(dense, names, 0, lr), "trial": "dense (refine protocol)"}
         for i, trial in enumerate(chosen, 1):
             plan = Plan.from_dict(trial.user_attrs["plan"])
-            candidate = score_plan(plan, space, workload, objectives, dataclasses.replace(ctx))
+            # the dense trial is the baseline just scored: same plan, same protocol, zero steps
+            candidate = dense if is_dense(plan) else score_plan(plan, space, workload, objectives,
+                                                                 dataclasses.replace(ctx))
             out["trials"][str(trial.number)] = _record(candidate, names, 0 if is_dense(plan) else steps, lr)
             progress.update(i, f"trial {trial.number}: accuracy {candidate.metrics['accuracy']:.4f} "
                                f"(search {trial.values[names.index('accuracy')]:.4f})")

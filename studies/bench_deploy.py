@@ -11,6 +11,7 @@ artifact is the profile's error; without it, the gap is search-time vs export-ti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import tempfile
@@ -27,6 +28,10 @@ def main() -> None:
                         help="fine-tune steps per trial for the torchvision network")
     parser.add_argument("--only", choices=["builtin", "torchvision"], help="run one of the two rows")
     parser.add_argument("--refine-steps", type=int, help="refine steps (default 10x the search's)")
+    parser.add_argument("--tv-sparsity", default="0,0.25,0.5",
+                        help="sparsity choices of the torchvision network's space, comma-separated")
+    parser.add_argument("--channel-multiple", type=int, default=1,
+                        help="[space] channel_multiple for both rows (0: the device's channel block)")
     args = parser.parse_args()
 
     import time
@@ -51,8 +56,8 @@ def main() -> None:
             data=DataSpec(factory="edgeslim.search._workloads:digits_rgb32"),
             finetune=FinetuneSpec(steps=args.tv_finetune_steps, lr=2e-3, batch_size=32),
             # a deep network from scratch: moderate sparsity, rank only halved, int8 or fp32
-            space=SpaceSpec(rules={"_default": RuleSpec(sparsity=[0.0, 0.25, 0.5], rank=[0.5, 1.0],
-                                                        bits=[8, 32])})),
+            space=SpaceSpec(rules={"_default": RuleSpec(sparsity=[float(v) for v in args.tv_sparsity.split(",")],
+                                                        rank=[0.5, 1.0], bits=[8, 32])})),
     }
     if args.only:
         specs = {k: v for k, v in specs.items() if (k == tv_label) == (args.only == "torchvision")}
@@ -63,7 +68,8 @@ def main() -> None:
     rows = []
     for label, spec in specs.items():
         out = Path(tempfile.mkdtemp(prefix="edgeslim-deploy-"))
-        spec = spec.replace(out_dir=str(out), trials=args.trials, device=DeviceSpec(name=args.device))
+        spec = spec.replace(out_dir=str(out), trials=args.trials, device=DeviceSpec(name=args.device),
+                            space=dataclasses.replace(spec.space, channel_multiple=args.channel_multiple))
         t0 = time.perf_counter()
         result = run_search(spec, devices_dir=Path("studies/devices"))
         search_s = time.perf_counter() - t0
