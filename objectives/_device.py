@@ -308,9 +308,10 @@ def probe_nchwc_block() -> int:
         opts.optimized_model_filepath = str(opt)
         opts.log_severity_level = 3
         ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
-        for node in onnx.load(str(opt)).graph.node:
-            if node.op_type == "Conv" and node.domain == "com.microsoft.nchwc":
-                inits = {i.name: i for i in onnx.load(str(opt)).graph.initializer}
-                block = int(inits[node.input[1]].dims[0]) if node.input[1] in inits else 1
+        optimized = onnx.load(str(opt)).graph
+        inits = {i.name: i for i in optimized.initializer}
+        for node in optimized.node:
+            if node.op_type == "Conv" and node.domain == "com.microsoft.nchwc" and node.input[1] in inits:
+                block = int(inits[node.input[1]].dims[0])
     _NCHWC_BLOCK.append(block)
     return block

@@ -6,7 +6,17 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-__all__ = ["keep_pools_float"]
+__all__ = ["drop_requantized_relus", "keep_pools_float"]
+
+
+def _links(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """The node producing each tensor and the nodes consuming it."""
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    return producers, consumers
 
 
 # pooling ops ONNX Runtime would otherwise run on uint8 with a slow generic kernel
@@ -32,11 +42,7 @@ def keep_pools_float(model: onnx.ModelProto) -> int:
     """
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    producers, consumers = _links(graph)
 
     def int8_conv(n: onnx.NodeProto | None) -> bool:
         if n is None or n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in producers:
@@ -110,11 +116,7 @@ def drop_requantized_relus(model: onnx.ModelProto) -> int:
     """
     graph = model.graph
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    producers, consumers = _links(graph)
     outputs = {o.name for o in graph.output}
 
     def params(n: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | None:
@@ -128,6 +130,7 @@ def drop_requantized_relus(model: onnx.ModelProto) -> int:
 
     dropped: set[int] = set()
     before: dict[int, list[onnx.NodeProto]] = {}  # new DQs, each placed right before its consumer
+    made = 0
     for relu in graph.node:
         dq = producers.get(relu.input[0]) if relu.op_type == "Relu" else None
         qs = consumers.get(relu.output[0], [])
@@ -144,7 +147,7 @@ def drop_requantized_relus(model: onnx.ModelProto) -> int:
             dropped.add(id(dq))
         for d in dqs:
             for user in consumers.get(d.output[0], []):
-                name = f"{d.name or d.output[0]}.shared.{len(before)}.{id(user) % 10007}"
+                name, made = f"{d.name or d.output[0]}.shared.{made}", made + 1
                 before.setdefault(id(user), []).append(onnx.helper.make_node(
                     "DequantizeLinear", list(dq.input), [name], name=name))
                 for k, t in enumerate(user.input):

@@ -132,13 +132,12 @@ def refine_study(study_dir: Path, storage: str | None = None, steps: int | None 
             ctx.reference_artifact = export_onnx(workload.model, workload.example_input,
                                                  ctx.workdir / "dense-reference.onnx")
         progress.update(0, "dense baseline")
-        dense = score_plan(space.dense_plan(), space, workload, objectives, dataclasses.replace(ctx))
+        dense = score_plan(space.dense_plan(), space, workload, objectives, ctx)
         out["baseline"] = {**_record(dense, names, 0, lr), "trial": "dense (refine protocol)"}
         for i, trial in enumerate(chosen, 1):
             plan = Plan.from_dict(trial.user_attrs["plan"])
             # the dense trial is the baseline just scored: same plan, same protocol, zero steps
-            candidate = dense if is_dense(plan) else score_plan(plan, space, workload, objectives,
-                                                                 dataclasses.replace(ctx))
+            candidate = dense if is_dense(plan) else score_plan(plan, space, workload, objectives, ctx)
             out["trials"][str(trial.number)] = _record(candidate, names, 0 if is_dense(plan) else steps, lr)
             progress.update(i, f"trial {trial.number}: accuracy {candidate.metrics['accuracy']:.4f} "
                                f"(search {trial.values[names.index('accuracy')]:.4f})")
