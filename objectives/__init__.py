@@ -9,7 +9,8 @@ Example:
     [('accuracy', 'maximize'), ('size_bytes', 'minimize')]
 """
 
-from edgeslim.objectives._accuracy import AccuracyObjective, evaluate_accuracy, evaluate_onnx_accuracy, finetune_
+from edgeslim.objectives._accuracy import (AccuracyObjective, evaluate_accuracy, evaluate_onnx_accuracy, finetune_,
+                                           predictions)
 from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
 from edgeslim.objectives._data import batches, sample_inputs
 from edgeslim.objectives._device import (DEVICES_DIR, DeviceProfile, EnergyConstants, ProfileError, known_devices,
@@ -31,5 +32,5 @@ __all__ = sorted([
     "EnergyConstants", "EnergyObjective", "EvalContext", "FinetuneConfig", "LatencyObjective",
     "LatencyStats", "OBJECTIVES", "evaluate_onnx_accuracy", "RUNTIME_KERNELS", "Objective", "SizeObjective", "batches", "build_artifact",
     "estimate_energy", "evaluate_accuracy", "export_onnx", "finetune_", "measure_latency",
-    "model_size_bytes", "quantize_onnx", "sample_inputs",
+    "model_size_bytes", "predictions", "quantize_onnx", "sample_inputs",
 ])

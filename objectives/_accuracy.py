@@ -13,7 +13,7 @@ from torch import nn
 from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
 from edgeslim.objectives._data import batches
 
-__all__ = ["AccuracyObjective", "evaluate_accuracy", "evaluate_onnx_accuracy", "finetune_"]
+__all__ = ["AccuracyObjective", "evaluate_accuracy", "evaluate_onnx_accuracy", "finetune_", "predictions"]
 
 
 def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int) -> float:
@@ -50,11 +50,28 @@ def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int
 
 
 @torch.no_grad()
+def predictions(model: nn.Module, data: DataSplits, batch_size: int = 256) -> np.ndarray:
+    """Top-1 predictions of ``model`` on ``data.val``, in order.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> d = TensorDataset(torch.eye(3), torch.tensor([0, 1, 2]))
+        >>> predictions(nn.Identity(), DataSplits(d, d, 3)).tolist()
+        [0, 1, 2]
+    """
+    model.eval()
+    return np.concatenate([model(x).argmax(1).numpy() for x, _ in batches(data.val, batch_size)])
+
+
+@torch.no_grad()
 def evaluate_accuracy(model: nn.Module, data: DataSplits, batch_size: int = 256) -> tuple[float, list[float]]:
     """Top-1 accuracy on ``data.val`` and the accuracy of each class (NaN for absent classes).
 
     Example:
-        >>> acc, per_class = evaluate_accuracy(model, data)  # doctest: +SKIP
+        >>> from torch.utils.data import TensorDataset
+        >>> d = TensorDataset(torch.eye(3), torch.tensor([0, 1, 1]))
+        >>> evaluate_accuracy(nn.Identity(), DataSplits(d, d, 3))
+        (0.6666666865348816, [1.0, 0.5, nan])
     """
     model.eval()
     correct = torch.zeros(data.num_classes)
@@ -93,7 +110,8 @@ class AccuracyObjective(Objective):
 
     Records ``per_class_accuracy``, ``finetune_loss`` and ``accuracy_method`` in
     ``candidate.metrics``. With ``ctx.score_artifact`` the score is that of the exported,
-    quantized ONNX file run by ONNX Runtime (the torch figure is kept as ``torch_accuracy``).
+    quantized ONNX file run by ONNX Runtime (the torch figure is kept as ``torch_accuracy``,
+    the top-1 agreement of the two as ``torch_onnx_agreement``).
 
     Example:
         >>> AccuracyObjective.direction
@@ -115,7 +133,8 @@ class AccuracyObjective(Objective):
 
             path, _, _ = candidate_artifact(candidate, ctx)
             candidate.metrics["torch_accuracy"] = acc
-            acc, per_class, _ = evaluate_onnx_accuracy(path, ctx.data)
+            acc, per_class, ort_pred = evaluate_onnx_accuracy(path, ctx.data)
+            candidate.metrics["torch_onnx_agreement"] = float((predictions(candidate.model, ctx.data) == ort_pred).mean())
             candidate.metrics["accuracy_method"] = "exported ONNX artifact (onnxruntime)"
         candidate.metrics["per_class_accuracy"] = per_class
         return acc

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeslim.spaces import SpecError
+from edgeslim.spaces import ProfileError, SpecError
 
 if TYPE_CHECKING:
     from edgeslim.objectives._latency_model import LatencyModel
@@ -27,10 +27,6 @@ __all__ = ["DEVICES_DIR", "DeviceProfile", "EnergyConstants", "ProfileError", "k
 PROFILE_SCHEMA = "edgeslim.device-profile"
 PROFILE_VERSION = 1
 DEVICES_DIR = Path("studies") / "devices"
-
-
-class ProfileError(SpecError):
-    """A device profile is missing, corrupted, hand-edited into an invalid state, or unknown."""
 
 
 @dataclasses.dataclass(frozen=True)

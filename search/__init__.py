@@ -2,11 +2,13 @@
 
 Heavy parts (torch, optuna, plotly) load on first use, so ``edgeslim --help`` stays fast.
 
+The Python API is Optuna's own loop around :class:`CompressionObjective`; the CLI runs it
+through :func:`run_search`.
+
 Example:
-    >>> from edgeslim.search import demo_spec, run_search
-    >>> result = run_search(demo_spec().replace(trials=5))  # doctest: +SKIP
-    >>> len(result.front) > 0  # doctest: +SKIP
-    True
+    >>> from edgeslim.search import PRESETS, CompressionObjective, pareto_front, write_report, export
+    >>> sorted(p for p in ("dense", "uniform-int8") if p in PRESETS)
+    ['dense', 'uniform-int8']
 """
 
 from __future__ import annotations
@@ -15,14 +17,23 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "run_search": "_study", "SearchResult": "_study", "make_sampler": "_study", "PRESETS": "_study",
+    "CompressionObjective": "_objective", "PRESETS": "_objective", "DEFAULT_OBJECTIVES": "_objective",
+    "score_plan": "_objective", "is_dense": "_objective", "ordered_objectives": "_objective",
+    "pareto_front": "_api", "write_report": "_api", "export": "_api",
+    "run_search": "_study", "SearchResult": "_study", "make_sampler": "_study",
     "StudySpec": "_spec", "load_spec": "_spec", "parse_spec": "_spec", "demo_spec": "_spec",
-    "front_entries": "_front", "write_front": "_front",
-    "ReportData": "_report", "build_report_data": "_report", "write_report": "_report",
+    "front_entries": "_front", "write_front": "_front", "all_records": "_front",
+    "ReportData": "_report", "build_report_data": "_report",
     "Workload": "_workloads", "load_workload": "_workloads", "DigitsCNN": "_workloads",
-    "DigitsResNet": "_workloads", "digits_splits": "_workloads",
-    "SLO": "_pick", "NoFitError": "_pick", "select": "_pick",
-    "export_variant": "_export", "list_variants": "_export",
+    "DigitsResNet": "_workloads", "digits_splits": "_workloads", "digits_rgb32": "_workloads",
+    "SLO": "_pick", "Miss": "_pick", "select": "_pick",
+    "BUDGETS": "_budgets", "Budget": "_budgets",
+    "ExportResult": "_export", "export_variant": "_export", "write_variant": "_export", "list_variants": "_export",
+    "open_study_dir": "_export", "refine_study": "_refine", "RefineResult": "_refine",
+    # the exception tree lives at the bottom of the import graph (edgeslim.spaces)
+    "EdgeslimError": "edgeslim.spaces", "SpecError": "edgeslim.spaces", "SpaceError": "edgeslim.spaces",
+    "InfeasiblePlanError": "edgeslim.spaces", "ObjectiveError": "edgeslim.spaces",
+    "ProfileError": "edgeslim.spaces", "NoFitError": "edgeslim.spaces",
     "main": "cli",
 }
 
@@ -31,5 +42,6 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"edgeslim.search.{_EXPORTS[name]}"), name)
+        where = _EXPORTS[name]
+        return getattr(importlib.import_module(where if "." in where else f"edgeslim.search.{where}"), name)
     raise AttributeError(f"module 'edgeslim.search' has no attribute {name!r}")

@@ -344,13 +344,13 @@ def _focus_target(target: str) -> tuple[nn.Module, torch.Tensor, RuleSet | None]
     path = Path(target)
     if path.suffix == ".toml" and path.is_file():
         from edgeslim.search._spec import load_spec
-        from edgeslim.search._workloads import _BUILTINS, _user_model
+        from edgeslim.search._workloads import _user_model, builtin_model
 
         spec = load_spec(path)
         torch.manual_seed(spec.seed)
         if spec.model.builtin:
-            factory, size, _ = _BUILTINS[spec.model.builtin]
-            model, shape = factory(), (1, 1, size, size)
+            model, size, _ = builtin_model(spec.model.builtin)
+            shape = (1, 1, size, size)
         else:
             model, shape = _user_model(spec), (1, *spec.model.input_shape)
         return model.eval(), torch.randn(shape), spec.space.rule_set()

@@ -8,26 +8,22 @@ import hashlib
 import importlib.metadata
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
-import torch
 from optuna.trial import TrialState
 
-from edgeslim.objectives import (DEVICES_DIR, RUNTIME_KERNELS, evaluate_onnx_accuracy, FinetuneConfig, batches, build_artifact, evaluate_accuracy,
-                                 finetune_, measure_latency, sample_inputs)
-from edgeslim.objectives._energy import estimate_energy
-from edgeslim.search._front import _deltas, baseline_record, baseline_trial, scored_record, trial_record
+from edgeslim.objectives import DEVICES_DIR, RUNTIME_KERNELS, estimate_energy, measure_latency
+from edgeslim.search._front import _deltas, all_records, baseline_record, trial_record
+from edgeslim.search._objective import CompressionObjective, is_dense
 from edgeslim.search._pick import SLO, misses
 from edgeslim.search._spec import StudySpec, _from_table
-from edgeslim.search._study import is_dense, spec_device, study_space
+from edgeslim.search._study import spec_device, spec_objective
 from edgeslim.search._workloads import load_workload
-from edgeslim.spaces import Plan, SpecError, layer_bits
+from edgeslim.spaces import Plan, SpecError
 
-__all__ = ["ExportResult", "all_records", "export_variant", "list_variants", "open_study_dir"]
+__all__ = ["ExportResult", "export_variant", "list_variants", "open_study_dir", "write_variant"]
 
 ACCURACY_GAP_PP = 1.0
 LATENCY_GAP = 0.20
@@ -47,14 +43,6 @@ def open_study_dir(study_dir: Path, storage: str | None = None) -> tuple[optuna.
     study = optuna.load_study(study_name=names[0], storage=url)
     spec = _from_table(StudySpec, study.user_attrs["spec"], "study").replace(out_dir=str(study_dir))
     return study, spec
-
-
-def all_records(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every completed trial as a front-style record with ``vs_baseline`` deltas."""
-    names = list(study.metric_names or [])
-    base, refined = baseline_record(study, names), study.user_attrs.get("refined")
-    return [scored_record(t, names, base, refined)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
 @dataclasses.dataclass
@@ -103,59 +91,49 @@ def _next_version(study_dir: Path) -> Path:
     return folder
 
 
-def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, storage: str | None = None,
-                   finetune_steps: int | None = None, slo: SLO | None = None,
-                   devices_dir: Path = DEVICES_DIR, log: Any = print) -> ExportResult:
-    """Re-realize a trial's plan, fine-tune it (same seed), export, re-measure, write a model card.
+def write_variant(objective: CompressionObjective, study: optuna.Study, trial_number: int, folder: Path, *,
+                  steps: int | None = None, slo: SLO | None = None) -> ExportResult:
+    """Score trial ``trial_number``'s plan again through the search's pipeline (same seed and
+    fine-tune, accuracy taken on the exported artifact), time the artifact paired with the
+    dense model, and write ``model.onnx``, ``card.json`` and ``MODEL_CARD.md`` to ``folder``
+    (created; it must not hold files). The dense plan is exported as given, never fine-tuned.
 
-    The dense plan is exported as given, never fine-tuned (as the search scores it).
-
-    The variant lands in ``study_dir/variants/vN`` (never overwriting an earlier version) and,
-    with ``out``, is also copied there (``out`` must not already hold a variant).
+    Example:
+        >>> write_variant(objective, study, 12, Path("ship"))  # doctest: +SKIP
     """
-    study, spec = open_study_dir(study_dir, storage)
     trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     if trial_number not in trials:
         raise SpecError(f"trial {trial_number} is not a completed trial of study {study.study_name!r}; "
                         f"completed: {sorted(trials)[:20]}")
-    if out is not None and out.exists() and any(out.iterdir()):
-        raise SpecError(f"--out {str(out)!r} is not empty; nothing was written; pick an empty folder")
-    trial = trials[trial_number]
-    names = list(study.metric_names or [])
-    workload = load_workload(spec, study_dir, log)
+    if folder.exists() and any(folder.iterdir()):
+        raise SpecError(f"{str(folder)!r} is not empty; nothing was written; pick an empty folder")
+    workload, profile = objective.workload, objective.device
     if study.user_attrs.get("base_model_hash") not in (None, workload.model_hash):
         raise SpecError("the base model changed since the search; exporting would not reproduce the trial")
-    profile = spec_device(spec, devices_dir)
-    space = study_space(spec, workload, profile, study)
+    trial = trials[trial_number]
+    names = list(study.metric_names or [])
     plan = Plan.from_dict(trial.user_attrs["plan"])
-    torch.manual_seed(spec.seed)
-    model = space.realize(workload.model, plan, reduce_range=profile.int8_reduce_range)
-    steps = spec.finetune.steps if finetune_steps is None else finetune_steps
-    if is_dense(plan):  # the search's policy: the dense baseline is the model as given
-        steps = 0
-    finetune_(model, workload.data, FinetuneConfig(steps=steps, lr=spec.finetune.lr,
-                                                    batch_size=spec.finetune.batch_size), spec.seed)
-    torch_acc, torch_per_class = evaluate_accuracy(model, workload.data)
-    calib = [t.numpy().astype(np.float32) for t in sample_inputs(workload.data.train, 64, spec.seed)]
-    folder = _next_version(study_dir)
-    with tempfile.TemporaryDirectory(prefix="edgeslim-export-") as tmp:
-        path, runtime_bits, runtime_kernels = build_artifact(model, workload.example_input, layer_bits(model), calib, Path(tmp))
-        shutil.copyfile(path, folder / "model.onnx")
-    artifact = folder / "model.onnx"
-    acc, per_class, ort_pred = evaluate_onnx_accuracy(artifact, workload.data)
-    with torch.no_grad():
-        torch_pred = np.concatenate([model(x).argmax(1).numpy() for x, _ in batches(workload.data.val, 256)])
-    agreement = float((torch_pred == ort_pred).mean())
-    lat = measure_latency(artifact, tuple(workload.example_input.shape), threads=profile.threads, seed=spec.seed)
-    predicted = None
-    if profile.predicts_latency:
-        predicted = profile.latency_model.predict_module(model, workload.example_input)[:2]
+    steps = 0 if is_dense(plan) else objective.context.finetune.steps if steps is None else steps
+    candidate = objective.score(plan, steps=steps, score_artifact=True, objectives=["accuracy", "size_bytes"])
+    model, path = candidate.model, candidate.artifact[0]
+    runtime_bits, runtime_kernels = candidate.artifact[1], candidate.artifact[2]
+    reference = objective.reference_artifact(measured=True)
+    lat = measure_latency(path, tuple(workload.example_input.shape), threads=profile.threads, seed=objective.seed,
+                          reference=reference)
+    predicted = profile.latency_model.predict_module(model, workload.example_input)[:2] \
+        if profile.predicts_latency else None
     energy = estimate_energy(model, workload.example_input, lat.p50_ms, profile.energy)
-    base_t = baseline_trial(study)
-    base = trial_record(base_t, names) if base_t else {}
+    folder.mkdir(parents=True, exist_ok=True)
+    artifact = folder / "model.onnx"
+    shutil.copyfile(path, artifact)
+    m = candidate.metrics
+    acc, per_class = m["accuracy"], m["per_class_accuracy"]
+    base = baseline_record(study, names)
     artifact_rec = {"trial": trial_number, "accuracy": acc, "per_class_accuracy": per_class,
                     "size_bytes": artifact.stat().st_size, "latency_ms": lat.p50_ms, "latency_p95_ms": lat.p95_ms,
                     "energy_mj": energy.total_mj}
+    if lat.speedup is not None:
+        artifact_rec.update(latency_speedup_paired=lat.speedup, latency_speedup_spread=list(lat.speedup_spread))
     artifact_rec["vs_baseline"] = _deltas(artifact_rec, base) if base else {}
     search_rec = trial_record(trial, names)
     flags = []
@@ -165,10 +143,9 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
     if "latency_ms" in search_rec and abs(lat.p50_ms / search_rec["latency_ms"] - 1) > LATENCY_GAP:
         flags.append(f"artifact latency {lat.p50_ms:.4f} ms differs from the search's {search_rec['latency_ms']:.4f} ms "
                      f"by more than {LATENCY_GAP:.0%}")
-    slo_misses = [str(m) for m in misses(artifact_rec, slo)] if slo else []
+    slo_misses = [str(x) for x in misses(artifact_rec, slo)] if slo else []
     if slo_misses:
         flags.append("the artifact misses the SLO: " + "; ".join(slo_misses))
-    drops = artifact_rec["vs_baseline"]
     card = {
         "version": folder.name, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "study": study.study_name, "trial": trial_number, "preset": trial.user_attrs.get("preset", ""),
@@ -180,14 +157,16 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
                    if profile.energy.measured else "estimated from published constants",
                    "int8_reduce_range": profile.int8_reduce_range},
         "plan": plan.to_dict(), "runtime_bits": runtime_bits,
-        "runtime_kernels": {n: RUNTIME_KERNELS[k] for n, k in runtime_kernels.items()}, "finetune_steps": steps, "seed": spec.seed,
+        "runtime_kernels": {n: RUNTIME_KERNELS[k] for n, k in runtime_kernels.items()}, "finetune_steps": steps,
+        "seed": objective.seed,
         "artifact": {"file": "model.onnx", "sha256_16": _sha(artifact), "bytes": artifact.stat().st_size,
-                     "accuracy": acc, "per_class_accuracy": per_class, "torch_accuracy": torch_acc,
-                     "torch_onnx_top1_agreement": agreement, "latency_p50_ms": lat.p50_ms,
+                     "accuracy": acc, "per_class_accuracy": per_class, "torch_accuracy": m["torch_accuracy"],
+                     "torch_onnx_top1_agreement": m["torch_onnx_agreement"], "latency_p50_ms": lat.p50_ms,
                      "latency_p95_ms": lat.p95_ms, "latency_runs": lat.runs,
+                     "latency_speedup_paired": lat.speedup,
                      "latency_predicted_ms": list(predicted) if predicted else None,
                      "energy_mj": energy.total_mj, "energy_method": "estimate" if not profile.energy.measured
-                     else "fitted", "vs_baseline": drops},
+                     else "fitted", "vs_baseline": artifact_rec["vs_baseline"]},
         "search": {k: search_rec.get(k) for k in (*names, "latency_p95_ms", "latency_method")},
         "baseline": {k: base.get(k) for k in (*names, "latency_p95_ms", "per_class_accuracy")},
         "slo": slo.active() | ({"p95": True} if slo and slo.p95 else {}) if slo else {},
@@ -195,11 +174,42 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
     }
     (folder / "card.json").write_text(json.dumps(card, indent=2, default=float))
     (folder / "MODEL_CARD.md").write_text(render_card(card))
+    return ExportResult(folder.name, folder, card, flags)
+
+
+def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, storage: str | None = None,
+                   finetune_steps: int | None = None, slo: SLO | None = None,
+                   devices_dir: Path = DEVICES_DIR, log: Any = print) -> ExportResult:
+    """Export a trial of the study kept in ``study_dir`` (see :func:`write_variant`) as the next
+    version, ``study_dir/variants/vN`` (never overwriting an earlier one), and, with ``out``,
+    copy it there too (``out`` must not already hold files).
+
+    Example:
+        >>> export_variant(Path("studies/digits-demo"), 12).version  # doctest: +SKIP
+        'v1'
+    """
+    study, spec = open_study_dir(study_dir, storage)
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise SpecError(f"--out {str(out)!r} is not empty; nothing was written; pick an empty folder")
+    done = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    if trial_number not in done:
+        raise SpecError(f"trial {trial_number} is not a completed trial of study {study.study_name!r}; "
+                        f"completed: {sorted(done)[:20]}")
+    workload = load_workload(spec, study_dir, log)
+    if study.user_attrs.get("base_model_hash") not in (None, workload.model_hash):
+        raise SpecError("the base model changed since the search; exporting would not reproduce the trial")
+    with spec_objective(spec, workload, spec_device(spec, devices_dir), study) as objective:
+        folder = _next_version(study_dir)
+        try:
+            result = write_variant(objective, study, trial_number, folder, steps=finetune_steps, slo=slo)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # no half-written version is left behind
+            raise
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for f in ("model.onnx", "card.json", "MODEL_CARD.md"):
             shutil.copyfile(folder / f, out / f)
-    return ExportResult(folder.name, folder, card, flags)
+    return result
 
 
 def render_card(card: dict[str, Any]) -> str:

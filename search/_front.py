@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["baseline_record", "baseline_trial", "front_entries", "scored_record", "trial_record", "write_front"]
+__all__ = ["all_records", "baseline_record", "baseline_trial", "front_entries", "scored_record", "trial_record", "write_front"]
 
 METRIC_KEYS = ("latency_p95_ms", "latency_method", "energy_method", "artifact_bytes", "runtime_bits",
                "runtime_kernels", "accuracy_method", "torch_accuracy",
@@ -95,6 +95,14 @@ def scored_record(trial: FrozenTrial, names: Sequence[str], base: dict[str, Any]
     rec["baseline"] = {k: base[k] for k in (*names, *_BASE_KEYS) if k in base}
     rec["vs_baseline"] = _deltas(rec, base) if base else {}
     return rec
+
+
+def all_records(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every completed trial as a front-style record with ``vs_baseline`` deltas."""
+    names = list(study.metric_names or [])
+    base, refined = baseline_record(study, names), study.user_attrs.get("refined")
+    return [scored_record(t, names, base, refined)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
 def front_entries(study: optuna.Study, names: Sequence[str]) -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from edgeslim.spaces import EdgeslimError
+from edgeslim.search._budgets import BUDGETS, budget_value, check_budgets
+from edgeslim.spaces import NoFitError
 
 __all__ = ["SLO", "NoFitError", "Miss", "select", "misses"]
 
@@ -35,10 +36,7 @@ class SLO:
     def __post_init__(self) -> None:
         if self.min_accuracy is not None and self.max_accuracy_drop_pp is not None:
             raise ValueError("give min_accuracy or max_accuracy_drop_pp, not both")
-        for name, value in self.active().items():
-            if value < 0 or (name == "min_accuracy" and value > 1):
-                raise ValueError(f"SLO {name} must be {'in [0, 1]' if name == 'min_accuracy' else '>= 0'}, "
-                                 f"got {value!r}")
+        check_budgets(self.active(), tuple(BUDGETS))
 
     def active(self) -> dict[str, float]:
         """The budgets that are set."""
@@ -67,26 +65,6 @@ class Miss:
         return f"{self.budget}: {self.value:.4g} vs limit {self.limit:.4g} (off by {self.by:.4g}, {self.relative:.0%})"
 
 
-class NoFitError(EdgeslimError):
-    """No variant meets the SLO; ``nearest`` lists the closest variants and what each misses."""
-
-    def __init__(self, message: str, nearest: list[tuple[dict[str, Any], list[Miss]]]) -> None:
-        super().__init__(message)
-        self.nearest = nearest
-
-
-def _value(entry: dict[str, Any], budget: str, slo: SLO) -> float | None:
-    vs = entry.get("vs_baseline", {})
-    return {
-        "max_latency_ms": entry.get("latency_p95_ms" if slo.p95 else "latency_ms"),
-        "max_size_kb": entry["size_bytes"] / 1e3 if "size_bytes" in entry else None,
-        "max_energy_mj": entry.get("energy_mj"),
-        "min_accuracy": entry.get("accuracy"),
-        "max_accuracy_drop_pp": vs.get("accuracy_drop_pp"),
-        "max_class_drop_pp": vs.get("max_class_drop_pp"),
-    }[budget]
-
-
 def misses(entry: dict[str, Any], slo: SLO) -> list[Miss]:
     """The budgets ``entry`` misses (an unknown metric counts as a miss).
 
@@ -96,10 +74,10 @@ def misses(entry: dict[str, Any], slo: SLO) -> list[Miss]:
     """
     out = []
     for budget, limit in slo.active().items():
-        value = _value(entry, budget, slo)
+        value = budget_value(entry, budget, slo.p95)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             out.append(Miss(budget, limit, float("inf")))
-        elif (budget == "min_accuracy" and value < limit) or (budget != "min_accuracy" and value > limit):
+        elif BUDGETS[budget].missed(value, limit):
             out.append(Miss(budget, limit, float(value)))
     return out
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,11 +12,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from edgeslim.objectives import DEVICES_DIR, EvalContext, FinetuneConfig, export_onnx
+from edgeslim.objectives import DEVICES_DIR
 from edgeslim.search._export import open_study_dir
 from edgeslim.search._front import front_entries, write_front
+from edgeslim.search._objective import is_dense
 from edgeslim.search._progress import Progress
-from edgeslim.search._study import is_dense, ordered_objectives, score_plan, spec_device, study_space
+from edgeslim.search._study import spec_device, spec_objective
 from edgeslim.search._workloads import load_workload
 from edgeslim.spaces import Plan, SpecError
 
@@ -114,30 +114,21 @@ def refine_study(study_dir: Path, storage: str | None = None, steps: int | None 
     workload = load_workload(spec, study_dir, say)
     if study.user_attrs.get("base_model_hash") not in (None, workload.model_hash):
         raise SpecError("the base model changed since the search; refining would not score the searched trials")
-    profile = spec_device(spec, devices_dir)
-    space = study_space(spec, workload, profile, study)
+    objective = spec_objective(spec, workload, spec_device(spec, devices_dir), study)
     chosen = near_front(study, names, margin)
     say(f"refining {len(chosen)} trials of {study.study_name!r} ({len(study.best_trials)} on the front, "
         f"margin {margin} pp): {steps} fine-tune steps at lr {lr:g}, scored on the exported artifact")
-    objectives = ordered_objectives(names)
-    ctx = EvalContext(data=workload.data, example_input=workload.example_input,
-                      finetune=FinetuneConfig(steps=steps, lr=lr, batch_size=spec.finetune.batch_size),
-                      device=profile, seed=spec.seed, score_artifact=True)
     t0 = time.perf_counter()
     progress = Progress(len(chosen) + 1, "variants")
     out: dict[str, Any] = {"trials": {}}
-    with tempfile.TemporaryDirectory(prefix="edgeslim-refine-") as tmp:
-        ctx.workdir = Path(tmp)
-        if "latency_ms" in names and not profile.predicts_latency:
-            ctx.reference_artifact = export_onnx(workload.model, workload.example_input,
-                                                 ctx.workdir / "dense-reference.onnx")
+    with objective:
         progress.update(0, "dense baseline")
-        dense = score_plan(space.dense_plan(), space, workload, objectives, ctx)
+        dense = objective.score(objective.space.dense_plan(), steps=steps, lr=lr, score_artifact=True)
         out["baseline"] = {**_record(dense, names, 0, lr), "trial": "dense (refine protocol)"}
         for i, trial in enumerate(chosen, 1):
             plan = Plan.from_dict(trial.user_attrs["plan"])
             # the dense trial is the baseline just scored: same plan, same protocol, zero steps
-            candidate = dense if is_dense(plan) else score_plan(plan, space, workload, objectives, ctx)
+            candidate = dense if is_dense(plan) else objective.score(plan, steps=steps, lr=lr, score_artifact=True)
             out["trials"][str(trial.number)] = _record(candidate, names, 0 if is_dense(plan) else steps, lr)
             progress.update(i, f"trial {trial.number}: accuracy {candidate.metrics['accuracy']:.4f} "
                                f"(search {trial.values[names.index('accuracy')]:.4f})")
@@ -145,8 +136,8 @@ def refine_study(study_dir: Path, storage: str | None = None, steps: int | None 
     study.set_user_attr("refined", out)
     front = front_entries(study, names)
     write_front(front, study_dir)
-    from edgeslim.search._report import build_report_data, write_report
+    from edgeslim.search._report import build_report_data, render_report
 
-    write_report(build_report_data(study, names, front, spec.budgets.active(),
+    render_report(build_report_data(study, names, front, spec.budgets.active(),
                                    f"edgeslim study {study.study_name} (refined)"), study_dir / "report.html")
     return RefineResult(steps, lr, [t.number for t in chosen], front, time.perf_counter() - t0, study_dir)

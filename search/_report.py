@@ -11,7 +11,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-__all__ = ["ReportData", "build_report_data", "write_report"]
+from edgeslim.search._budgets import BUDGETS
+
+__all__ = ["ReportData", "build_report_data", "pair_front", "render_report"]
 
 LABELS = {
     "accuracy": "accuracy (held-out)",
@@ -45,6 +47,26 @@ class ReportData:
     device: str
     class_deltas: tuple[tuple[int, tuple[float, ...]], ...] = ()
     picked: int | None = None
+    # cost name -> trials on the accuracy-vs-that-cost front, cheapest first
+    pair_fronts: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+
+def pair_front(points: list[dict[str, Any]], cost: str) -> list[int]:
+    """Trials no other trial beats on both accuracy (higher) and ``cost`` (lower), cheapest
+    first: the staircase of one report panel.
+
+    Example:
+        >>> pts = [{"trial": 0, "accuracy": 0.99, "size_bytes": 100}, {"trial": 1, "accuracy": 0.95, "size_bytes": 20},
+        ...        {"trial": 2, "accuracy": 0.90, "size_bytes": 50}, {"trial": 3, "accuracy": 0.95, "size_bytes": 30}]
+        >>> pair_front(pts, "size_bytes")
+        [1, 0]
+    """
+    out, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (p[cost], -p["accuracy"], p["trial"])):
+        if p["accuracy"] > best:  # cheapest first: a point stays only if more accurate than all cheaper ones
+            out.append(p["trial"])
+            best = p["accuracy"]
+    return out
 
 
 def build_report_data(study: optuna.Study, names: list[str], front: list[dict[str, Any]],
@@ -59,7 +81,8 @@ def build_report_data(study: optuna.Study, names: list[str], front: list[dict[st
     base = None
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.COMPLETE:
-            p = {"trial": t.number, "preset": t.user_attrs.get("preset", ""), "front": t.number in on_front}
+            p = {"trial": t.number, "preset": t.user_attrs.get("preset", ""), "front": t.number in on_front,
+                 "summary": str(t.user_attrs.get("plan_summary", ""))}
             p.update(zip(names, t.values))
             points.append(p)
             if p["preset"] == "dense":
@@ -99,11 +122,10 @@ def build_report_data(study: optuna.Study, names: list[str], front: list[dict[st
         device=str(study.user_attrs.get("device", "")),
         class_deltas=tuple(deltas),
         picked=picked,
+        pair_fronts={n: tuple(pair_front(points, n)) for n in names if n != "accuracy"} if "accuracy" in names else {},
     )
 
 
-_BUDGET_AXES = {"max_latency_ms": ("latency_ms", 1.0), "max_size_kb": ("size_bytes", 1e3),
-                "max_energy_mj": ("energy_mj", 1.0), "min_accuracy": ("accuracy", 1.0)}
 
 
 def _fmt(v: Any) -> str:
@@ -130,7 +152,12 @@ def _front_table(data: ReportData) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def write_report(data: ReportData, path: Path) -> Path:
+def _hover(p: dict[str, Any]) -> str:
+    head = f"trial {p['trial']}" + (f" ({p['preset']})" if p["preset"] else "")
+    return f"{head}<br>{html.escape(p['summary'])}" if p.get("summary") else head
+
+
+def render_report(data: ReportData, path: Path) -> Path:
     """Draw ``data`` with plotly into one self-contained HTML file (plotly.js embedded)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -140,23 +167,26 @@ def write_report(data: ReportData, path: Path) -> Path:
     if "accuracy" in data.names and others:
         fig = make_subplots(rows=1, cols=len(others), subplot_titles=[LABELS.get(n, n) for n in others])
         for i, n in enumerate(others, start=1):
-            rest = [p for p in data.points if not p["front"]]
-            front = [p for p in data.points if p["front"]]
+            by_trial = {p["trial"]: p for p in data.points}
+            stairs = [by_trial[t] for t in data.pair_fronts.get(n, ())]
+            on_stairs = {p["trial"] for p in stairs}
+            rest = [p for p in data.points if p["trial"] not in on_stairs]
             base = [p for p in data.points if p["trial"] == data.baseline_trial]
             presets = [p for p in data.points if p["preset"] and p["preset"] != "dense"]
             show = i == 1
             fig.add_trace(go.Scatter(x=[p[n] for p in rest], y=[p["accuracy"] for p in rest], mode="markers",
                                      marker={"color": "#bbbbbb"}, name="trials", showlegend=show,
-                                     text=[f"trial {p['trial']}" for p in rest]), 1, i)
-            fig.add_trace(go.Scatter(x=[p[n] for p in front], y=[p["accuracy"] for p in front],
-                                     # a 4-objective front projected on two axes is not a curve: no line
-                                     mode="markers", marker={"color": "#d62728", "size": 9},
-                                     name="Pareto front", showlegend=show,
-                                     text=[f"trial {p['trial']}" for p in front]), 1, i)
+                                     text=[_hover(p) for p in rest], hoverinfo="text+x+y"), 1, i)
+            # the front of this pair over all trials: the best accuracy each cost buys
+            fig.add_trace(go.Scatter(x=[p[n] for p in stairs], y=[p["accuracy"] for p in stairs],
+                                     mode="lines+markers", line={"shape": "hv", "color": "#d62728"},
+                                     marker={"color": "#d62728", "size": 9},
+                                     name="front of accuracy vs this cost", showlegend=show,
+                                     text=[_hover(p) for p in stairs], hoverinfo="text+x+y"), 1, i)
             fig.add_trace(go.Scatter(x=[p[n] for p in presets], y=[p["accuracy"] for p in presets],
                                      mode="markers", marker={"symbol": "diamond-open", "size": 11, "color": "#1f77b4"},
                                      name="uniform presets", showlegend=show,
-                                     text=[p["preset"] for p in presets]), 1, i)
+                                     text=[_hover(p) for p in presets], hoverinfo="text+x+y"), 1, i)
             fig.add_trace(go.Scatter(x=[p[n] for p in base], y=[p["accuracy"] for p in base], mode="markers",
                                      marker={"symbol": "star", "size": 16, "color": "black"},
                                      name="dense baseline", showlegend=show), 1, i)
@@ -167,9 +197,10 @@ def write_report(data: ReportData, path: Path) -> Path:
                                                  "line": {"width": 3}},
                                          name=f"picked (trial {data.picked})", showlegend=show), 1, i)
             for budget, bound in data.budgets.items():
-                if budget not in _BUDGET_AXES:
+                b = BUDGETS.get(budget)
+                if b is None or b.from_baseline:
                     continue
-                axis, scale = _BUDGET_AXES[budget]
+                axis, scale = b.key, 1.0 / b.scale  # the axis shows the record's unit
                 if axis == n:  # shade the side of the budget that meets it
                     fig.add_vrect(x0=0, x1=bound * scale, fillcolor="green", opacity=0.08, line_width=0,
                                   row=1, col=i)
@@ -180,7 +211,8 @@ def write_report(data: ReportData, path: Path) -> Path:
             fig.update_xaxes(title_text=LABELS.get(n, n), type="log" if n == "size_bytes" else "linear",
                              row=1, col=i)
         fig.update_yaxes(title_text="accuracy", row=1, col=1)
-        fig.update_layout(title="Accuracy against each cost (Pareto front in red, dense baseline as star)",
+        fig.update_layout(title="Accuracy against each cost: in red the best accuracy each cost buys over all trials "
+                                "(the front of that pair); the front over all objectives is the table below",
                           height=450)
         figs.append(fig)
     if data.decisions:

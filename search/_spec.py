@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from edgeslim.search._registry import BUILTIN_WORKLOADS, SAMPLERS
 from edgeslim.spaces import LayerRule, RuleSet, SpaceError, SpecError
 
 __all__ = [
@@ -18,8 +19,7 @@ __all__ = [
     "load_spec", "parse_spec", "demo_spec",
 ]
 
-SAMPLERS = ("tpe", "nsga2", "random")
-BUILTIN_WORKLOADS = ("digits-cnn", "digits-resnet")
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +275,12 @@ def _check_values(spec: StudySpec) -> None:
         raise SpecError(f"[space] channel_multiple must be >= 0, got {spec.space.channel_multiple!r}; "
                         "0 rounds to the device's channel block, 1 does not round")
     spec.space.rule_set()
+    from edgeslim.search._budgets import check_budgets
+
+    try:
+        check_budgets(spec.budgets.active())
+    except SpecError as e:
+        raise SpecError(f"[budgets]: {e}") from None
 
 
 # ---- TOML -> dataclasses, with key and type checks --------------------------------------------

@@ -19,10 +19,11 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from edgeslim.objectives import DataSplits, FinetuneConfig, evaluate_accuracy, finetune_
+from edgeslim.search._registry import BUILTIN_WORKLOADS
 from edgeslim.search._spec import StudySpec
 from edgeslim.spaces import SpecError
 
-__all__ = ["DigitsCNN", "DigitsResNet", "Workload", "digits_splits", "load_workload"]
+__all__ = ["DigitsCNN", "DigitsResNet", "Workload", "builtin_model", "digits_splits", "load_workload"]
 
 
 class DigitsCNN(nn.Module):
@@ -95,7 +96,7 @@ class Workload:
 
     Example:
         >>> w = load_workload(demo_spec(), Path("studies/digits-demo"))  # doctest: +SKIP
-        >>> w.example_input.shape
+        >>> w.example_input.shape  # doctest: +SKIP
         torch.Size([1, 1, 8, 8])
     """
 
@@ -243,24 +244,34 @@ def train_base(model: nn.Module, data: DataSplits, epochs: int, seed: int) -> fl
     return evaluate_accuracy(model, data)[0]
 
 
-_BUILTINS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
-    # name: (factory, input size, default training epochs)
-    "digits-cnn": (DigitsCNN, 8, 40),
-    "digits-resnet": (DigitsResNet, 32, 6),
-}
+_MODELS: dict[str, Callable[[], nn.Module]] = {"digits-cnn": DigitsCNN, "digits-resnet": DigitsResNet}
 
 
-def load_workload(spec: StudySpec, out_dir: Path, log: Callable[[str], None] = print) -> Workload:
+def builtin_model(name: str) -> tuple[nn.Module, int, int]:
+    """A fresh built-in model, its input size on digits and its default training epochs.
+
+    Example:
+        >>> model, size, epochs = builtin_model("digits-resnet")
+        >>> type(model).__name__, size
+        ('DigitsResNet', 32)
+    """
+    if name not in BUILTIN_WORKLOADS:
+        raise SpecError(f"unknown built-in model {name!r}; built-ins: {list(BUILTIN_WORKLOADS)}")
+    size, epochs = BUILTIN_WORKLOADS[name]
+    return _MODELS[name](), size, epochs
+
+
+def load_workload(spec: StudySpec, out_dir: str | Path, log: Callable[[str], None] = print) -> Workload:
     """Build the study's base model and data; train a built-in base once and cache it in ``out_dir``.
 
     The cached base is reused on every later run so a resumed study compresses the very
     same weights.
     """
+    out_dir = Path(out_dir)
     torch.manual_seed(spec.seed)
     if spec.model.builtin:
-        factory, size, epochs = _BUILTINS[spec.model.builtin]
+        model, size, epochs = builtin_model(spec.model.builtin)
         data, split_hash = digits_splits(size, spec.data.val_fraction, spec.seed)
-        model = factory()
         cache = out_dir / "base_model.pt"
         key = {"workload": spec.model.builtin, "seed": spec.seed, "split": split_hash,
                "epochs": spec.model.train_epochs or epochs}

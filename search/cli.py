@@ -33,8 +33,9 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
                                        threads=args.threads or spec.device.threads)
     if getattr(args, "score", None):
         changes["finetune"] = dataclasses.replace(spec.finetune, score=args.score)
-    budgets = {k: getattr(args, k) for k in ("max_latency_ms", "max_size_kb", "max_energy_mj", "min_accuracy")
-               if getattr(args, k, None) is not None}
+    from edgeslim.search._budgets import SEARCH_BUDGETS
+
+    budgets = {k: getattr(args, k) for k in SEARCH_BUDGETS if getattr(args, k, None) is not None}
     if budgets:
         changes["budgets"] = dataclasses.replace(spec.budgets, **budgets)
     return spec.replace(**changes) if changes else spec
@@ -226,9 +227,13 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
         if data.get("purpose") == "check":
             raise ProfileError(f"{args.fit!r} holds a check kit's measurements, not a calibration's; report on them "
                                f"with `edgeslim check-latency --device {data.get('device', 'NAME')} --measured {args.fit}`")
-        result = _calibrate.fit_measurements(data, args.device)
-        facts, protocol = data["facts"], data["protocol"]
-        threads = int(facts.get("threads", threads))
+        try:
+            result = _calibrate.fit_measurements(data, args.device)
+            facts, protocol = data["facts"], data["protocol"]
+            threads = int(facts.get("threads", threads))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ProfileError(f"{args.fit!r} is malformed ({type(e).__name__}: {e}); nothing was written; "
+                               "run run_kit.py on the device again") from None
     else:
         reader, meter = None, "none"
         if args.power_cmd:
@@ -350,7 +355,14 @@ def read_kit_results(name: str, runner: str, new_kit: str) -> dict[str, Any]:
     path = Path(name)
     if not path.is_file():
         raise ProfileError(f"measurements file {name!r} does not exist; run {runner} on the device first")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ProfileError(f"measurements file {name!r} is not valid JSON ({e}); copy it from the device again "
+                           f"or run {runner} there again") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"measurements file {name!r} holds a {type(data).__name__}, not {runner}'s results; "
+                           f"run {runner} on the device again")
     if data.get("kit_version") != _runner.KIT_VERSION:
         raise ProfileError(f"{name!r} comes from kit version {data.get('kit_version')!r}, this edgeslim "
                            f"reads version {_runner.KIT_VERSION}; write a new kit with `{new_kit}`")
@@ -534,14 +546,15 @@ def cmd_pick(args: argparse.Namespace) -> int:
 def _redraw_report(study_dir: Any, study: Any, slo: Any, picked: int) -> None:
     """Re-draw report.html with the SLO shaded and the pick highlighted (the report is derived data)."""
     from edgeslim.search._front import front_entries
-    from edgeslim.search._report import build_report_data, write_report
+    from edgeslim.search._report import build_report_data, render_report
 
     names = list(study.metric_names or [])
-    budgets = {k: v for k, v in slo.active().items() if k in ("max_latency_ms", "max_size_kb", "max_energy_mj",
-                                                                "min_accuracy")}
+    from edgeslim.search._budgets import SEARCH_BUDGETS
+
+    budgets = {k: v for k, v in slo.active().items() if k in SEARCH_BUDGETS}
     data = build_report_data(study, names, front_entries(study, names), budgets,
                              f"edgeslim study {study.study_name}: pick under {slo.active()}", picked)
-    path = write_report(data, study_dir / "report.html")
+    path = render_report(data, study_dir / "report.html")
     print(f"report: {path} (SLO shaded, pick highlighted)")
 
 
@@ -605,7 +618,9 @@ def cmd_variants(args: argparse.Namespace) -> int:
 
 def _add_spec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="study spec (TOML); default: the built-in digits demo")
-    p.add_argument("--workload", choices=["digits-cnn", "digits-resnet"],
+    from edgeslim.search._registry import BUILTIN_WORKLOADS
+
+    p.add_argument("--workload", choices=list(BUILTIN_WORKLOADS),
                    help="built-in model instead of the spec's (digits-resnet: residual, >= 1 ms)")
     p.add_argument("--name", help="study name (default from the spec)")
     p.add_argument("--out", help="output folder (default studies/<name>)")
@@ -697,11 +712,13 @@ def _build_parser() -> argparse.ArgumentParser:
         _add_spec_options(p)
         if name == "search":
             p.add_argument("--trials", type=int, help="trials to add in this run")
-            p.add_argument("--sampler", help="tpe (default), nsga2 or random")
-            for flag, help_b in (("--max-latency-ms", "latency budget (ms)"), ("--max-size-kb", "size budget (kB)"),
-                                 ("--max-energy-mj", "energy budget (mJ, estimated)"),
-                                 ("--min-accuracy", "accuracy floor (0..1)")):
-                p.add_argument(flag, type=float, help=help_b)
+            from edgeslim.search._registry import SAMPLERS
+
+            p.add_argument("--sampler", help="; ".join(f"{k}: {v}" for k, v in SAMPLERS.items()))
+            from edgeslim.search._budgets import BUDGETS, SEARCH_BUDGETS
+
+            for budget in SEARCH_BUDGETS:
+                p.add_argument("--" + budget.replace("_", "-"), type=float, help=f"budget: {BUDGETS[budget].help}")
     return parser
 
 

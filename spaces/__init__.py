@@ -11,7 +11,8 @@ Example:
     torch.Size([1, 4])
 """
 
-from edgeslim.spaces._errors import EdgeslimError, InfeasiblePlanError, ObjectiveError, SpaceError, SpecError
+from edgeslim.spaces._errors import (EdgeslimError, InfeasiblePlanError, NoFitError, ObjectiveError, ProfileError,
+                                     SpaceError, SpecError)
 from edgeslim.spaces._inventory import LayerInfo, inventory, layer_macs
 from edgeslim.spaces._knobs import SUPPORTED_BITS, BitsKnob, Knob, LayerRule, RankKnob, RuleSet, SparsityKnob
 from edgeslim.spaces._lowrank import factorize, rank_for, svd_pair
@@ -22,7 +23,7 @@ from edgeslim.spaces._space import CompressionSpace, PruneGroup, link_quantizers
 
 __all__ = sorted([
     "BitsKnob", "CompressionSpace", "EdgeslimError", "InfeasiblePlanError", "Knob", "LayerInfo",
-    "LayerPlan", "LayerRule", "ObjectiveError", "Plan", "PruneGroup", "QuantizedLayer", "RankKnob",
+    "LayerPlan", "LayerRule", "NoFitError", "ObjectiveError", "ProfileError", "Plan", "PruneGroup", "QuantizedLayer", "RankKnob",
     "RuleSet", "SUPPORTED_BITS", "SpaceError", "SparsityKnob", "SpecError", "dequantized_copy",
     "factorize", "inventory", "layer_bits", "layer_macs", "link_quantizers_", "quantize_weight", "quantize_weight_blockwise",
     "NBITS_BLOCK", "pruned_count", "rank_for", "svd_pair", "weight_qmax",

@@ -4,17 +4,23 @@ Every error edgeslim raises on purpose derives from one root, so callers can cat
 
     EdgeslimError
     ├── SpecError            (also ValueError)  a study spec or CLI option is malformed
+    │   └── ProfileError                          a device profile is missing, corrupted or unknown
     ├── SpaceError           (also ValueError)  the search space is empty or a rule is invalid
     ├── InfeasiblePlanError  (also ValueError)  a plan cannot be realized on this model
-    └── ObjectiveError       (also RuntimeError) a candidate could not be scored
+    ├── ObjectiveError       (also RuntimeError) a candidate could not be scored
+    └── NoFitError                               no variant meets an SLO (``nearest`` says what each misses)
 
 The module lives in ``edgeslim.spaces`` because that package sits at the bottom of the import
-graph; ``edgeslim.objectives`` and ``edgeslim.search`` re-export the names.
+graph; ``edgeslim.objectives`` and ``edgeslim.search`` re-export the names. Every error path of
+the CLI prints one line and exits 2 (3 for ``NoFitError`` from ``pick``).
 """
 
 from __future__ import annotations
 
-__all__ = ["EdgeslimError", "InfeasiblePlanError", "ObjectiveError", "SpaceError", "SpecError"]
+from typing import Any
+
+__all__ = ["EdgeslimError", "InfeasiblePlanError", "NoFitError", "ObjectiveError", "ProfileError", "SpaceError",
+           "SpecError"]
 
 
 class EdgeslimError(Exception):
@@ -43,3 +49,21 @@ class InfeasiblePlanError(EdgeslimError, ValueError):
 
 class ObjectiveError(EdgeslimError, RuntimeError):
     """Scoring a candidate failed (export, runtime, missing dependency of an objective)."""
+
+
+class ProfileError(SpecError):
+    """A device profile is missing, corrupted, hand-edited into an invalid state, or unknown."""
+
+
+class NoFitError(EdgeslimError):
+    """No variant meets the SLO; ``nearest`` lists the closest variants and what each misses
+    (pairs of a front record and its list of misses).
+
+    Example:
+        >>> NoFitError("no variant fits", nearest=[]).nearest
+        []
+    """
+
+    def __init__(self, message: str, nearest: list[tuple[dict[str, Any], list[Any]]]) -> None:
+        super().__init__(message)
+        self.nearest = nearest

@@ -36,7 +36,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, reduce_range: bool = False)
     CPUs without VNNI, whose int8 kernels otherwise saturate intermediate sums.
 
     Example:
-        >>> w = torch.tensor([[1.0, -0.5, 0.26]])
+        >>> w = torch.tensor([[1.0, -0.6, 0.26]])
         >>> quantize_weight(w, 4).tolist()  # scale 1/7
         [[1.0, -0.5714285969734192, 0.2857142984867096]]
     """

@@ -116,3 +116,34 @@ def test_impossible_space_from_cli(tmp_path, capsys):
 def test_bad_trials_flag(capsys):
     assert main(["search", "--trials", "0"]) == 2
     assert "--trials must be >= 1" in capsys.readouterr().err
+
+
+def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
+    (tmp / "broken.json").write_text("{not json")
+    (tmp / "list.json").write_text("[1, 2, 3]")
+    (tmp / "empty").mkdir(exist_ok=True)
+    missing = str(tmp / "no-such-study")
+    return [
+        (["search", str(tmp / "none.toml")], "does not exist"),
+        (["search", "--device", "no-such-device", "--out", str(tmp / "s")], "unknown device 'no-such-device'"),
+        (["inventory", str(tmp / "none.toml")], "does not exist"),
+        (["refine", missing], "does not exist"),
+        (["pick", missing, "--max-latency-ms", "1"], "does not exist"),
+        (["pick", str(tmp / "empty"), "--min-accuracy", "2"], "min_accuracy"),
+        (["export", missing, "--trial", "0"], "does not exist"),
+        (["export", str(tmp / "empty"), "--trial", "0"], "holds no study.db"),
+        (["calibrate", "--device", "x", "--fit", str(tmp / "broken.json")], "not valid JSON"),
+        (["calibrate", "--device", "x", "--fit", str(tmp / "list.json")], "holds a list"),
+        (["calibrate", "--device", "x", "--fit", str(tmp / "none.json")], "does not exist"),
+        (["check-latency", "--device", "no-such-device"], "unknown device 'no-such-device'"),
+    ]
+
+
+def test_every_command_refuses_bad_input_with_one_line_and_exit_2(tmp_path, capsys):
+    for argv, match in _bad_inputs(tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("edgeslim: error:")]
+        assert code == 2, (argv, code, err)
+        assert len(errors) == 1 and match in errors[0], (argv, err)
+        assert "Traceback" not in err

@@ -172,7 +172,7 @@ def test_int8_numerics_follow_the_probed_isa():
 
 def test_fine_tuning_runs_before_every_other_objective():
     """A spec listing latency before accuracy still scores the fine-tuned model's artifact."""
-    from edgeslim.search._study import ordered_objectives
+    from edgeslim.search import ordered_objectives
 
     assert [o.name for o in ordered_objectives(["energy_mj", "latency_ms", "size_bytes", "accuracy"])] == [
         "accuracy", "latency_ms", "size_bytes", "energy_mj"]

@@ -1,0 +1,18 @@
+"""Names the CLI, the spec and the library share: built-in workloads and samplers.
+
+Plain data, no imports: the CLI reads it to build ``--help`` without loading torch.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BUILTIN_WORKLOADS", "SAMPLERS"]
+
+# name -> (input size on digits, default training epochs); the model classes are in _workloads
+BUILTIN_WORKLOADS: dict[str, tuple[int, int]] = {"digits-cnn": (8, 40), "digits-resnet": (32, 6)}
+
+# name -> what it is; make_sampler builds them (seeded)
+SAMPLERS: dict[str, str] = {
+    "tpe": "Optuna's TPE, multivariate, 10 random start-up trials (default)",
+    "nsga2": "Optuna's NSGA-II, population 20",
+    "random": "uniform random sampling",
+}
