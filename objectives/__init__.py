@@ -1,4 +1,4 @@
-"""How a candidate is scored: accuracy, size, latency, energy, and device profiles.
+"""How a candidate is scored: accuracy, size, latency, energy; target devices in ``devices``.
 
 Built-in objectives are found by name in ``OBJECTIVES``; the study's Optuna directions are
 read from the objective classes, so they cannot disagree.
@@ -13,14 +13,12 @@ from edgeslim.objectives._accuracy import (AccuracyObjective, evaluate_accuracy,
                                            predictions)
 from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
 from edgeslim.objectives._data import batches, sample_inputs
-from edgeslim.objectives._device import (DEVICES_DIR, DeviceProfile, EnergyConstants, ProfileError, known_devices,
-                                         load_device, probe_nchwc_block)
 from edgeslim.objectives._energy import EnergyBreakdown, EnergyObjective, estimate_energy
 from edgeslim.objectives._export import RUNTIME_KERNELS, LatencyStats, build_artifact, export_onnx, measure_latency, quantize_onnx
-from edgeslim.objectives._kernels import Kernel, extract_kernels, kernel_type
 from edgeslim.objectives._latency import LatencyObjective
-from edgeslim.objectives._latency_model import LatencyModel
 from edgeslim.objectives._size import SizeObjective, model_size_bytes
+from edgeslim.objectives.devices import (DEVICES_DIR, DeviceProfile, EnergyConstants, Kernel, LatencyModel, ProfileError,
+                                         extract_kernels, kernel_type, known_devices, load_device, probe_nchwc_block)
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls for cls in (AccuracyObjective, SizeObjective, LatencyObjective, EnergyObjective)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from edgeslim.objectives._device import DeviceProfile
+from edgeslim.objectives.devices._profile import DeviceProfile
 from edgeslim.spaces import Plan
 
 __all__ = ["Candidate", "DataSplits", "EvalContext", "FinetuneConfig", "Objective"]

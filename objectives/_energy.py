@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from edgeslim.objectives._base import Candidate, EvalContext, Objective
-from edgeslim.objectives._device import EnergyConstants
-from edgeslim.spaces import QuantizedLayer, dequantized_copy, inventory, layer_bits
+from edgeslim.objectives.devices._profile import EnergyConstants
+from edgeslim.spaces import dequantized_copy, inventory, layer_bits, runtime_format
 
 __all__ = ["EnergyBreakdown", "EnergyObjective", "estimate_energy"]
 
@@ -51,12 +51,11 @@ def estimate_energy(model: nn.Module, example_input: torch.Tensor, latency_ms: f
         36.8
     """
     bits = layer_bits(model)
-    weight_only = {name for name, m in model.named_modules() if isinstance(m, QuantizedLayer) and m.weight_only}
     compute_pj = memory_pj = 0.0
     for layer in inventory(dequantized_copy(model), example_input):
         b = bits.get(layer.name, 32)
         # a 4-bit Linear (MatMulNBits) reads and writes fp32 activations and computes in int8
-        compute_bits, act_bytes = (8, 4) if layer.name in weight_only else (b, 1 if b <= 8 else 4)
+        _, compute_bits, act_bytes = runtime_format(layer.kind == "linear", b)
         weight_elems = layer.params
         moved = (math.ceil(weight_elems * b / 8) + act_bytes * (math.prod(layer.in_shape)
                                                                  + math.prod(layer.out_shape)))

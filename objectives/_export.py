@@ -316,10 +316,10 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
     Fixed intra-op threads, sequential execution, all graph optimizations, random (non-zero)
     input, ``warmup`` discarded runs, then runs until ``budget_s`` is spent (bounded by
     ``min_runs``/``max_runs``), in the calibration's windows
-    (:func:`edgeslim.objectives._runner.time_group`). Each run is timed on its own. With
+    (:func:`edgeslim.objectives.devices._runner.time_group`). Each run is timed on its own. With
     ``sessions`` > 1 that many fresh sessions are timed (taking turns with 1 thread, one after
-    another with more: :func:`edgeslim.objectives._runner.measure_files`) and pooled
-    (:func:`edgeslim.objectives._runner.pool_sessions`: median of their medians, p95 over all runs).
+    another with more: :func:`edgeslim.objectives.devices._runner.measure_files`) and pooled
+    (:func:`edgeslim.objectives.devices._runner.pool_sessions`: median of their medians, p95 over all runs).
 
     With a ``reference`` file (the dense baseline's artifact) the two are timed as a pair, in
     the same interleaved windows, in ``max(sessions, PAIRS)`` fresh pairs sharing ``budget_s``
@@ -334,7 +334,7 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
         >>> s.speedup, s.speedup_spread  # doctest: +SKIP
         (1.41, (1.37, 1.46))
     """
-    from edgeslim.objectives._runner import PROTOCOL, make_session, measure_files, pool_sessions
+    from edgeslim.objectives.devices._runner import PROTOCOL, make_session, measure_files, pool_sessions
 
     x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
     protocol = {"warmup": warmup, "min_runs": min_runs, "max_runs": max_runs, "budget_s": budget_s,

@@ -28,11 +28,9 @@ def keep_pools_float(model: onnx.ModelProto) -> int:
 
     ONNX Runtime moves a QuantizeLinear that follows a MaxPool to before it and then runs the
     pool on uint8 (its QDQ propagation and drop rules). Between two int8 convs (QLinearConv)
-    that is its fast NHWC uint8 pool (a uniformly int8 ResNet-18 ran 100.4 ms with it, 102.3 ms
-    with a float pool), and that case is left alone. Anywhere else it is a generic NCHW uint8
-    kernel: on the development VM a ResNet-18 stem pool took 5.97 ms that way against 0.25 ms in
-    float, and a lone 48×112×112 pool 6.5 ms against 1.4 ms with its float Q/DQ pair. There the
-    pool's input gets a Q/DQ pair of its own whose scale is one float ulp above the output's,
+    that is its fast NHWC uint8 pool, and that case is left alone. Anywhere else it is a generic
+    NCHW uint8 kernel, many times slower than the float pool (figures in studies/BENCHMARKS.md).
+    There the pool's input gets a Q/DQ pair of its own whose scale is one float ulp above the output's,
     so the rules no longer match. Max commutes with the (monotone) quantization, so outputs do
     not change beyond exact rounding ties.
 

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.objectives import DeviceProfile, Kernel, _runner, build_artifact, measure_latency
-from edgeslim.objectives._calibrate import (measure_reference, reference_entries, reference_from, seal_kit, speed_ratio,
-                                            start_kit)
+from edgeslim.objectives import build_artifact, measure_latency
+from edgeslim.objectives.devices import (PROTOCOL, DeviceProfile, Kernel, extract_graph, io_bytes, measure_reference,
+                                         reference_entries, reference_from, reference_timings, seal_kit, speed_ratio,
+                                         start_kit)
 from edgeslim.search._workloads import DigitsCNN, DigitsResNet
 from edgeslim.spaces import CompressionSpace, Plan, RuleSet, SpecError, layer_bits
 
@@ -226,7 +227,6 @@ def write_check_kit(profile: DeviceProfile, kit_dir: Path, samples_per_workload:
     Example:
         >>> write_check_kit(profile, Path("check-kit"), 6)  # doctest: +SKIP
     """
-    from edgeslim.objectives._kernels import extract_graph, io_bytes
 
     assert profile.latency_model is not None
     start_kit(kit_dir)
@@ -258,9 +258,9 @@ def write_check_kit(profile: DeviceProfile, kit_dir: Path, samples_per_workload:
                         "sessions": CHECK_SESSIONS, "group": f"c{j}r"} for j in range(len(candidates)))
     return seal_kit(kit_dir, [candidates, entries], {
         "purpose": "check", "device": profile.name, "profile_id": profile.profile_id, "threads": profile.threads,
-        "seed": seed, "protocol": _runner.PROTOCOL,
+        "seed": seed, "protocol": PROTOCOL,
         # every run kept (no spike dropped), as check-latency measures here
-        "check_protocol": {**CHECK_TIMING, "spike_factor": 1e9, "rounds": _runner.PROTOCOL["rounds"]},
+        "check_protocol": {**CHECK_TIMING, "spike_factor": 1e9, "rounds": PROTOCOL["rounds"]},
         "candidates": candidates, "entries": entries})
 
 
@@ -298,7 +298,7 @@ def rows_from_measurements(profile: DeviceProfile, data: Mapping[str, Any],
     if missing:
         raise SpecError(f"measurements lack candidates {missing}; run the kit's run_kit.py again")
     timings = [(pos, [float(entries[j]["p50_ms"]) for _, j in sorted(run.items())])
-               for pos, run in _runner.reference_timings(entries)]
+               for pos, run in reference_timings(entries)]
     rows = []
     for j, c in enumerate(candidates):
         kernels = [Kernel(**k) for k in c["kernels"]]
@@ -377,7 +377,6 @@ def workload_kernels(targets: Sequence[str], min_plans: int, max_plans: int | No
     """
     import time
 
-    from edgeslim.objectives._kernels import extract_graph
 
     rng = np.random.default_rng(seed + _FOCUS_SEED)
     found: dict[tuple[Any, ...], Kernel] = {}
@@ -421,7 +420,6 @@ def focus_networks(targets: Sequence[str], per_target: int, workdir: Path, seed:
         >>> [n["name"] for n in nets]  # doctest: +SKIP
         ['digits-cnn/dense', 'digits-cnn/int8']
     """
-    from edgeslim.objectives._kernels import extract_graph
 
     rng = np.random.default_rng(seed + _NETWORK_SEED)
     built = [_focus_target(t) for t in targets]

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from edgeslim.objectives import DEVICES_DIR, RUNTIME_KERNELS, estimate_energy, measure_latency
-from edgeslim.search._front import _deltas, all_records, baseline_record, trial_record
+from edgeslim.search._front import _deltas, baseline_record, trial_record
 from edgeslim.search._objective import CompressionObjective, is_dense
 from edgeslim.search._pick import SLO, misses
 from edgeslim.search._spec import StudySpec, _from_table

@@ -61,6 +61,18 @@ def _kind(module: nn.Module) -> Literal["conv1d", "conv2d", "linear"]:
     return "linear"
 
 
+def macs(out_elems: int, in_channels: int, groups: int = 1, kernel_area: int = 1) -> int:
+    """The one MAC formula: every output element sums ``in_channels / groups × kernel_area``
+    products (a Linear: groups 1, kernel area 1). Inventory, energy and the latency model's
+    kernels all count with it.
+
+    Example:
+        >>> macs(8 * 6 * 6, 3, kernel_area=9), macs(10, 64)
+        (7776, 640)
+    """
+    return out_elems * (in_channels // groups) * kernel_area
+
+
 def layer_macs(module: nn.Module, out_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one Conv/Linear call that produced ``out_shape``.
 
@@ -70,9 +82,9 @@ def layer_macs(module: nn.Module, out_shape: tuple[int, ...]) -> int:
     """
     numel = math.prod(out_shape)
     if isinstance(module, nn.Linear):
-        return numel * module.in_features
+        return macs(numel, module.in_features)
     assert isinstance(module, (nn.Conv1d, nn.Conv2d))
-    return numel * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+    return macs(numel, module.in_channels, module.groups, math.prod(module.kernel_size))
 
 
 def inventory(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:

@@ -27,6 +27,25 @@ def weight_qmax(bits: int, reduce_range: bool = False) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def runtime_format(is_linear: bool, bits: int) -> tuple[bool, int, int]:
+    """The one rule for how a layer at ``bits`` runs in ONNX Runtime: (weight-only, bits of its
+    multiply-accumulates, bytes per activation element it reads and writes). A 4-bit Linear runs
+    as MatMulNBits: 4-bit weights, fp32 input and output, its input quantized to int8 on the fly.
+    Any other layer at <= 8 bits runs on int8 activations (QLinearConv, QGemm, or int4 weights
+    dequantized for a 4-bit conv); 32 bits is fp32. Fake quantization, size, energy and the
+    latency model's kernels all read this.
+
+    Works elementwise on numpy arrays too.
+
+    Example:
+        >>> runtime_format(True, 4), runtime_format(False, 4), runtime_format(True, 8), runtime_format(False, 32)
+        ((True, 8, 4), (False, 4, 1), (False, 8, 1), (False, 32, 4))
+    """
+    # arithmetic rather than branches: the latency model applies the rule to numpy arrays of kernels
+    weight_only = is_linear & (bits == 4)
+    return weight_only, bits + (8 - bits) * weight_only, 4 - 3 * (bits <= 8) * (1 - weight_only)
+
+
 def quantize_weight(weight: torch.Tensor, bits: int, reduce_range: bool = False) -> torch.Tensor:
     """Per-output-channel symmetric fake quantization of ``weight`` to ``bits`` (STE gradient).
 
@@ -125,7 +144,7 @@ class QuantizedLayer(nn.Module):
         self.bits = bits
         self.reduce_range = reduce_range
         self.momentum = momentum
-        self.weight_only = bits == 4 and isinstance(layer, nn.Linear)
+        self.weight_only = runtime_format(isinstance(layer, nn.Linear), bits)[0]
         self.quantize_input = bits <= 8 and not self.weight_only
         self.register_buffer("act_min", torch.tensor(0.0))
         self.register_buffer("act_max", torch.tensor(0.0))

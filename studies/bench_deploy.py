@@ -43,7 +43,7 @@ def main() -> None:
     from edgeslim.search._export import all_records, export_variant
     from edgeslim.search._pick import SLO, NoFitError, select
     from edgeslim.search._refine import refine_study
-    from edgeslim.objectives._runner import device_facts
+    from edgeslim.objectives.devices import device_facts
     from edgeslim.search._spec import DataSpec, DeviceSpec, FinetuneSpec, ModelSpec, RuleSpec, SpaceSpec
 
     here = Path(__file__).parent

@@ -22,7 +22,7 @@ def main() -> None:
     import torch
 
     from edgeslim.objectives import load_device
-    from edgeslim.objectives._kernels import extract_graph, io_bytes
+    from edgeslim.objectives.devices import extract_graph, io_bytes
     from edgeslim.search._check import VALIDATION_WORKLOADS
 
     profile = load_device(args.device, devices_dir=Path(args.devices_dir))

@@ -55,3 +55,11 @@ def digits_resnet(tmp_path_factory):
 
     spec = load_spec(Path(__file__).parents[1] / "studies" / "digits-resnet.toml")
     return spec, load_workload(spec, tmp_path_factory.mktemp("digits-resnet"), log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(tmp_path_factory):
+    """The built-in digits CNN workload of the demo spec, trained once for the whole session (~10 s)."""
+    from edgeslim.search import demo_spec, load_workload
+
+    return load_workload(demo_spec(), tmp_path_factory.mktemp("digits-cnn"), log=lambda _: None)

@@ -12,7 +12,7 @@ import torch
 
 from edgeslim.objectives import FinetuneConfig
 from edgeslim.search import (BUDGETS, PRESETS, CompressionObjective, NoFitError, ProfileError, SpecError, demo_spec,
-                             load_workload, make_sampler, pareto_front, run_search, write_report)
+                             make_sampler, pareto_front, run_search, write_report)
 from edgeslim.search._budgets import SEARCH_BUDGETS, check_budgets, constraint_values
 from edgeslim.search._pick import SLO
 from edgeslim.search._spec import BudgetsSpec
@@ -41,9 +41,9 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     assert Path("ship/model.onnx").stat().st_size == card["artifact"]["bytes"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return load_workload(demo_spec(), tmp_path_factory.mktemp("base"), lambda m: None)
+@pytest.fixture()
+def digits(digits_cnn):
+    return digits_cnn
 
 
 def _objective(work, **kw) -> CompressionObjective:

@@ -16,9 +16,9 @@ from torch import nn
 from edgeslim.objectives import (
     DeviceProfile, Kernel, LatencyModel, ProfileError, extract_kernels, kernel_type, known_devices, load_device,
 )
-from edgeslim.objectives import _calibrate, _runner
-from edgeslim.objectives._latency_model import BOUNDARY_CLASSES, TreeEnsemble
-from edgeslim.objectives._power import RaplReader, find_rapl
+from edgeslim.objectives.devices import _calibrate, _kits, _micro, _runner
+from edgeslim.objectives.devices._model import BOUNDARY_CLASSES, TreeEnsemble
+from edgeslim.objectives.devices._power import RaplReader, find_rapl
 from edgeslim.search import DigitsResNet
 from edgeslim.search.cli import main
 from edgeslim.spaces import CompressionSpace, ObjectiveError, Plan, LayerPlan
@@ -198,11 +198,11 @@ def test_calibration_measures_a_slow_stretch_again(monkeypatch):
         assert [m["seq"] for m in c["lone"]] == [c["seq"] + 1 + i for i in range(len(c["lone"]))]
 
 
-@pytest.mark.parametrize("ktype", _calibrate.KERNEL_TYPES)
+@pytest.mark.parametrize("ktype", _micro.KERNEL_TYPES)
 def test_micro_models_are_valid_and_run(ktype, tmp_path):
-    k = _calibrate.random_kernel(ktype, np.random.default_rng(0))
-    assert kernel_type(k) == ktype and k.macs <= _calibrate.MAX_MACS
-    model = _calibrate.micro_model(k)
+    k = _micro.random_kernel(ktype, np.random.default_rng(0))
+    assert kernel_type(k) == ktype and k.macs <= _micro.MAX_MACS
+    model = _micro.micro_model(k)
     onnx.checker.check_model(model)
     path = tmp_path / "k.onnx"
     onnx.save(model, str(path))
@@ -224,7 +224,7 @@ def _synthetic_model(noise: float = 0.0, truth=_power_law, select: bool = False)
     meas = [{"p50_ms": 0.02 + 1e-7 * k.cin * 8, "p95_ms": 0.025, "io_bytes": k.cin * 8} for k in kernels]
     for t in ("conv_kxk@32", "gemm@32"):
         for _ in range(50):
-            k = _calibrate.random_kernel(t, rng)
+            k = _micro.random_kernel(t, rng)
             lat = truth(k) * (1 + noise * rng.standard_normal())
             kernels.append(k)
             meas.append({"p50_ms": 0.02 + lat, "p95_ms": 0.03 + 1.2 * lat, "io_bytes": 0})
@@ -237,10 +237,10 @@ def test_latency_model_selects_the_right_form_and_round_trips(truth):
     model, _ = _synthetic_model(truth=truth, select=True)
     rng = np.random.default_rng(9)
     for _ in range(20):
-        k = _calibrate.random_kernel("conv_kxk@32", rng)
+        k = _micro.random_kernel("conv_kxk@32", rng)
         assert model.predict_kernels([k])[0][0] == pytest.approx(truth(k), rel=0.15)
     again = LatencyModel.from_dict(json.loads(json.dumps(model.to_dict())), device="synthetic")
-    ks = [_calibrate.random_kernel("gemm@32", rng) for _ in range(5)]
+    ks = [_micro.random_kernel("gemm@32", rng) for _ in range(5)]
     assert again.predict(ks, 4096) == pytest.approx(model.predict(ks, 4096))
     p50, p95 = model.predict(ks, 4096)
     assert p95 > p50 > 0
@@ -248,11 +248,11 @@ def test_latency_model_selects_the_right_form_and_round_trips(truth):
 
 def test_batched_prediction_equals_each_types_own_regressor():
     """The stacked all-types evaluator (fast path) computes exactly what each type's model does."""
-    from edgeslim.objectives._kernels import kernel_matrix
+    from edgeslim.objectives.devices._kernels import kernel_matrix
 
     model, _ = _synthetic_model(noise=0.2, truth=_additive, select=True)
     rng = np.random.default_rng(3)
-    ks = [_calibrate.random_kernel(t, rng) for t in ("conv_kxk@32", "gemm@32") for _ in range(10)]
+    ks = [_micro.random_kernel(t, rng) for t in ("conv_kxk@32", "gemm@32") for _ in range(10)]
     fast = np.array([p for p, _ in model.predict_kernels(ks)])
     ref = []
     for k in ks:
@@ -267,9 +267,9 @@ def test_chain_models_run_and_match_their_kernels():
 
     rng = np.random.default_rng(1)
     for _ in range(6):
-        ks, acts = _calibrate.random_chain(rng)
+        ks, acts = _micro.random_chain(rng)
         assert all(a.cout == b.cin for a, b in zip(ks, ks[1:]))
-        model = _calibrate.chain_model(ks, acts)
+        model = _micro.chain_model(ks, acts)
         onnx.checker.check_model(model)
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         shape = sess.get_inputs()[0].shape
@@ -277,14 +277,14 @@ def test_chain_models_run_and_match_their_kernels():
         assert out.shape[1] == ks[-1].cout
         relus = sum(n.op_type == "Relu" for n in model.graph.node)
         assert relus == 1 + sum(acts)  # the last kernel's, plus one per activated boundary
-    residual = next(c for c in (_calibrate.random_chain(rng) for _ in range(50)) if len(c[0]) == 3 and c[0][-1].op == "add")
-    adds = [n for n in _calibrate.chain_model(*residual).graph.node if n.op_type == "Add"]
+    residual = next(c for c in (_micro.random_chain(rng) for _ in range(50)) if len(c[0]) == 3 and c[0][-1].op == "add")
+    adds = [n for n in _micro.chain_model(*residual).graph.node if n.op_type == "Add"]
     assert len(adds) == 1 and adds[0].input[1] == "k0_out"  # the skip connection from the first conv
-    inverted = next(c for c in (_calibrate.random_chain(rng) for _ in range(200))
+    inverted = next(c for c in (_micro.random_chain(rng) for _ in range(200))
                     if len(c[0]) == 4 and c[0][1].groups > 1 and c[0][-1].op == "add")
-    adds = [n for n in _calibrate.chain_model(*inverted).graph.node if n.op_type == "Add"]
+    adds = [n for n in _micro.chain_model(*inverted).graph.node if n.op_type == "Add"]
     assert adds[-1].input[1] == "x"  # an inverted residual adds the chain's input
-    assert _calibrate.chain_edges(*inverted) == [(0, 1, True), (1, 2, True), (2, 3, False)]
+    assert _micro.chain_edges(*inverted) == [(0, 1, True), (1, 2, True), (2, 3, False)]
 
 
 
@@ -293,7 +293,7 @@ def test_two_block_residual_chain_has_the_edges_of_the_torch_network():
     (add->conv, add->add, add->gpool) that :func:`extract_graph` reads off the same network."""
     from torch import nn
 
-    from edgeslim.objectives._kernels import extract_graph
+    from edgeslim.objectives.devices._kernels import extract_graph
 
     class TwoBlocks(nn.Module):
         def __init__(self) -> None:
@@ -308,11 +308,11 @@ def test_two_block_residual_chain_has_the_edges_of_the_torch_network():
             return torch.relu(self.head(b.mean((2, 3))))
 
     rng = np.random.default_rng(0)
-    ks, acts = next(c for c in (_calibrate.random_chain(rng) for _ in range(400))
+    ks, acts = next(c for c in (_micro.random_chain(rng) for _ in range(400))
                     if [k.op for k in c[0]] == ["conv", "conv", "add", "conv", "conv", "add", "gpool", "gemm"])
     _, torch_edges = extract_graph(TwoBlocks().eval(), torch.randn(1, 8, 8, 8))
-    assert sorted(_calibrate.chain_edges(ks, acts)) == sorted(torch_edges)
-    adds = [n for n in _calibrate.chain_model(ks, acts).graph.node if n.op_type == "Add"]
+    assert sorted(_micro.chain_edges(ks, acts)) == sorted(torch_edges)
+    adds = [n for n in _micro.chain_model(ks, acts).graph.node if n.op_type == "Add"]
     assert [n.input[1] for n in adds] == ["k0_out", "k2_out"]  # the second block's shortcut is the first add
 
 def _gemm_chains(model: LatencyModel, seed: int, kernel_bias: float) -> list[tuple[Any, ...]]:
@@ -324,7 +324,7 @@ def _gemm_chains(model: LatencyModel, seed: int, kernel_bias: float) -> list[tup
         n = int(rng.integers(2, 5))
         ks = [Kernel("gemm", 32, int(rng.integers(8, 64)), int(rng.integers(8, 64))) for _ in range(n)]
         ks = [ks[0]] + [Kernel("gemm", 32, a.cout, b.cout) for a, b in zip(ks, ks[1:])]
-        edges = _calibrate.chain_edges(ks, [True] * (n - 1))
+        edges = _micro.chain_edges(ks, [True] * (n - 1))
         lone_ms = kernel_bias * sum(p for p, _ in model.predict_kernels(ks))
         chains.append((ks, edges, model.overhead_ms(0) + lone_ms - 0.002 * (n - 1), 0.0, lone_ms))
     return chains
@@ -333,7 +333,7 @@ def _gemm_chains(model: LatencyModel, seed: int, kernel_bias: float) -> list[tup
 def test_pool_between_int8_convs_stands_on_the_quantized_side():
     """Export leaves a max pool quantized only between two int8 convs (ONNX Runtime's NHWC uint8
     pool): its boundaries are then q>q; next to a float or 4-bit conv, or at a fork, it is float."""
-    from edgeslim.objectives._latency_model import boundary_terms
+    from edgeslim.objectives.devices._model import boundary_terms
 
     def classes(first_bits: int, last_bits: int, fork: bool = False) -> set[str]:
         ks = [Kernel("conv", first_bits, 16, 16, 3, h=8, w=8, ho=8, wo=8),
@@ -471,7 +471,7 @@ def test_power_command_reader_integrates_watts(tmp_path):
     import sys
     import time
 
-    from edgeslim.objectives._power import PowerCommandReader
+    from edgeslim.objectives.devices._power import PowerCommandReader
 
     script = tmp_path / "meter.py"
     script.write_text("import sys, time\nwhile True:\n    print('2.0 W'); print('junk'); sys.stdout.flush()\n"
@@ -490,7 +490,7 @@ def test_power_command_reader_integrates_watts(tmp_path):
 def test_energy_constants_are_recovered_from_metered_runs():
     """fit_energy recovers per-MAC, per-byte and static constants from metered micro-models,
     and returns None for unmetered runs (the profile then keeps the labelled defaults)."""
-    kernels = _calibrate.design(("conv_kxk@32", "conv_kxk@8", "gemm@4", "conv_dw@32"), 12, seed=3)
+    kernels = _micro.design(("conv_kxk@32", "conv_kxk@8", "gemm@4", "conv_dw@32"), 12, seed=3)
     truth = {32: 4.0, 8: 1.0, 4: 0.6}  # pJ per MAC
     meas = []
     for i, k in enumerate(kernels):
@@ -498,12 +498,12 @@ def test_energy_constants_are_recovered_from_metered_runs():
         p50 = 0.05 + 1e-6 * k.macs + 0.01 * (i % 3)  # latency not a multiple of the work terms
         mj = (truth[k.compute_bits] * k.macs + 20.0 * moved) * 1e-9 + 1.5 * p50
         meas.append({"p50_ms": p50, "energy_mj": mj})
-    fitted = _calibrate.fit_energy(kernels, meas, "test meter")
+    fitted = _kits.fit_energy(kernels, meas, "test meter")
     assert fitted is not None and fitted.measured and fitted.source == "test meter"
     used = {k.compute_bits for k in kernels}  # 4-bit Linears compute on int8 (MatMulNBits): no 4-bit MACs
     assert {b: fitted.mac_pj_by_bits[b] for b in used} == pytest.approx({b: truth[b] for b in used}, rel=1e-3)
     assert fitted.byte_pj == pytest.approx(20.0, rel=1e-3) and fitted.static_w == pytest.approx(1.5, rel=1e-3)
-    assert _calibrate.fit_energy(kernels, [{"p50_ms": m["p50_ms"]} for m in meas], "none") is None
+    assert _kits.fit_energy(kernels, [{"p50_ms": m["p50_ms"]} for m in meas], "none") is None
 
 
 def test_speed_track_follows_the_device_and_ignores_one_spike():
@@ -528,11 +528,11 @@ def test_kit_carries_focus_networks_with_their_parts(tmp_path, monkeypatch):
     device's measurements turns it into a network record with its lone times."""
     from edgeslim.search._check import focus_networks
 
-    monkeypatch.setattr(_calibrate, "MODES", {"quick": (2, 0, 0, 0), "full": (2, 0, 0, 0)})
-    monkeypatch.setattr(_calibrate, "CHAINS", {"quick": 3, "full": 3})
+    monkeypatch.setattr(_kits, "MODES", {"quick": (2, 0, 0, 0), "full": (2, 0, 0, 0)})
+    monkeypatch.setattr(_kits, "CHAINS", {"quick": 3, "full": 3})
     nets = focus_networks(["digits-cnn"], 1, tmp_path)
     assert [n["name"] for n in nets] == ["digits-cnn/dense"] and Path(nets[0]["path"]).is_file()
-    kit = _calibrate.write_kit(tmp_path / "kit", 1, "quick", networks=nets)
+    kit = _kits.write_kit(tmp_path / "kit", 1, "quick", networks=nets)
     entries = json.loads((kit / "kit.json").read_text())["entries"]
     net = next(e for e in entries if "network" in e)
     assert (kit / net["file"]).is_file() and net["network"]["name"] == "digits-cnn/dense"
@@ -541,16 +541,16 @@ def test_kit_carries_focus_networks_with_their_parts(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)  # stand-in measurements: the fit's bookkeeping is what is tested
     measured = {"entries": [{**e, "p50_ms": float(rng.uniform(0.02, 0.5)), "p95_ms": 0.6, "runs": 20,
                              "rejected": 0, "io_bytes": 1024 * (1 + i % 7)} for i, e in enumerate(entries)]}
-    result = _calibrate.fit_measurements(measured, "remote")
+    result = _kits.fit_measurements(measured, "remote")
     records = [c for c in result.chains if "network" in c]
     assert len(records) == 1 and len(records[0]["lone"]) == len(net["parts"])
     assert records[0]["p50_ms"] == measured["entries"][entries.index(net)]["p50_ms"]
 
 
 def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(_calibrate, "MODES", {"quick": (3, 0, 0, 0), "full": (3, 0, 0, 0)})
-    monkeypatch.setattr(_calibrate, "CHAINS", {"quick": 25, "full": 25})
-    monkeypatch.setattr(_calibrate, "TRACK_EVERY", 40)
+    monkeypatch.setattr(_kits, "MODES", {"quick": (3, 0, 0, 0), "full": (3, 0, 0, 0)})
+    monkeypatch.setattr(_kits, "CHAINS", {"quick": 25, "full": 25})
+    monkeypatch.setattr(_kits, "TRACK_EVERY", 40)
     kit = tmp_path / "kit"
     assert main(["calibrate", "--kit", str(kit)]) == 0
     manifest = json.loads((kit / "kit.json").read_text())
@@ -562,11 +562,11 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     is_ref = "".join("r" if "reference" in e else "m" for e in entries)
     runs = [r for r in is_ref.split("m") if r]
     n_ref = len(_calibrate.REFERENCE_KERNELS)
-    timing = "r" * n_ref + "m" * len(_calibrate.IO_SIZES)  # reference kernels, then the Identity models
+    timing = "r" * n_ref + "m" * len(_micro.IO_SIZES)  # reference kernels, then the Identity models
     assert is_ref.startswith(timing) and is_ref.endswith(timing)
     assert all(len(r) == n_ref for r in runs) and len(runs) >= 3
     longest = max(len(m) for m in is_ref.split("r") if m)
-    assert longest <= _calibrate.TRACK_EVERY + len(_calibrate.IO_SIZES) + 5  # + one chain's parts
+    assert longest <= _kits.TRACK_EVERY + len(_micro.IO_SIZES) + 5  # + one chain's parts
     refs = len(runs) * n_ref
     for e in chains:  # a timing never separates a chain from its parts
         first = entries.index(e)
@@ -574,8 +574,8 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     assert len(chains) == 25
     # each timing also measures the Identity (overhead) models
     io = [e for e in entries if e.get("kernel", {}).get("op") == "io"]
-    assert len(io) == len(runs) * len(_calibrate.IO_SIZES)
-    assert len(entries) == len(io) + 3 * len(_calibrate.KERNEL_TYPES) + 25 + parts + refs
+    assert len(io) == len(runs) * len(_micro.IO_SIZES)
+    assert len(entries) == len(io) + 3 * len(_micro.KERNEL_TYPES) + 25 + parts + refs
     for e in chains:  # each chain's kernels are in the kit alone too, timed together with it
         assert [entries[i]["kernel"] for i in e["parts"]] == e["chain"]["kernels"]
         assert {entries[i]["group"] for i in e["parts"]} == {e["group"]}
@@ -597,7 +597,7 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     devices = tmp_path / "devices"
     assert main(["calibrate", "--fit", str(out), "--device", "remote", "--devices-dir", str(devices)]) == 0
     profile = load_device("remote", devices_dir=devices)
-    assert profile.predicts_latency and len(profile.latency_model.types_) == len(_calibrate.KERNEL_TYPES)
+    assert profile.predicts_latency and len(profile.latency_model.types_) == len(_micro.KERNEL_TYPES)
     assert profile.latency_model.boundaries_ is not None  # the kit's chains fitted the boundary terms
     saved = json.loads((devices / "remote.json").read_text())
     stored = saved["chains"]
@@ -634,7 +634,7 @@ def _cover_digits_cnn() -> LatencyModel:
     for t in ("conv_kxk@8", "conv_kxk@4", "conv_kxk@32", "conv_pw@8", "conv_pw@4", "conv_pw@32", "gemm@8",
               "gemm@4", "gemm@32", "pool@32", "gpool@32"):
         for _ in range(6):
-            k = _calibrate.random_kernel(t, rng)
+            k = _micro.random_kernel(t, rng)
             ks.append(k)
             ms.append({"p50_ms": 0.02 + 1e-6 * k.macs, "p95_ms": 0.03 + 1e-6 * k.macs, "io_bytes": 0})
     io_k = _calibrate.io_kernels()
@@ -691,7 +691,7 @@ def test_local_calibration_end_to_end(tmp_path, monkeypatch):
     p50, p95, n = profile.latency_model.predict_module(DigitsResNet().eval(), torch.zeros(1, 1, 32, 32))
     assert n == 23 and p95 >= p50 > 0
     # the focus: every kernel the dense digits CNN runs was measured as it is
-    from edgeslim.objectives._kernels import extract_graph
+    from edgeslim.objectives.devices._kernels import extract_graph
     from edgeslim.search import DigitsCNN
 
     measured = {Kernel(**m["kernel"]).shape for m in data["measurements"]}
@@ -734,7 +734,7 @@ def test_check_latency_warns_when_this_is_not_the_profiles_device(tmp_path, caps
                  "--samples", "1"]) == 0
     err = capsys.readouterr().err
     assert "not the one 'pi' was calibrated on (CPU Cortex-A76 there" in err and "4 cores there" in err
-    from edgeslim.search.cli import foreign_device
+    from edgeslim.objectives.devices import foreign_device
 
     here = _runner.device_facts(1)
     assert foreign_device(here, here) == "" and foreign_device({}, here) == ""
@@ -828,7 +828,7 @@ def test_tail_mix_is_recovered_from_measured_p95(truth):
     types = ("conv_kxk@32", "conv_pw@8", "gemm@32", "pool@32", "gpool@32", "conv_kxk@4")
     nets = []
     for _ in range(8):
-        ks = [_calibrate.random_kernel(types[int(rng.integers(len(types)))], rng)
+        ks = [_micro.random_kernel(types[int(rng.integers(len(types)))], rng)
               for _ in range(int(rng.integers(3, 12)))]
         per = model.predict_kernels(ks)
         over = model.overhead_ms(1000.0)

@@ -100,6 +100,18 @@ def away(factor: float) -> bool:
     return abs(float(np.log(factor))) > float(np.log1p(EXCURSION))
 
 
+def nearer_usual(new: float, old: float) -> bool:
+    """The one rule for keeping a measurement taken again (calibration and kits alike): keep it
+    when the device's speed factor at its moment lies nearer the usual state (1.0) than the
+    factor at the first measurement's moment.
+
+    Example:
+        >>> nearer_usual(1.05, 1.4), nearer_usual(1.5, 1.4)
+        (True, False)
+    """
+    return abs(float(np.log(new))) < abs(float(np.log(old)))
+
+
 def wait_until_usual(probe: Callable[[], Sequence[float]], usual: Sequence[float],
                      limit_s: float | None = None, pause_s: float | None = None,
                      sleep: Callable[[float], None] = time.sleep,
@@ -186,8 +198,7 @@ def time_group(sessions: Sequence[Any], feeds: Sequence[dict[str, np.ndarray]],
     slower or faster for a while): one contiguous 0.12 s window lands in one state and its
     model's time with it, while a kernel's saving inside a chain is a few microseconds between
     models timed apart. Interleaved windows put the chain and its lone kernels in the same
-    states (on the development VM the repeat difference of such savings fell from 4.6 to
-    1.1 us). Each window first runs the model once (its caches were the others' meanwhile);
+    states (measured effect in studies/BENCHMARKS.md). Each window first runs the model once (its caches were the others' meanwhile);
     the first also does the warm-up. Runs slower than ``spike_factor`` x the median (a
     preempted VM, a page-fault storm) are dropped before the p95 and counted in ``rejected``.
     With ``keep_times`` each result also lists every run's time (``times_ms``).
@@ -383,14 +394,15 @@ def remeasure_excursions(entries: Sequence[dict[str, Any]], results: list[dict[s
         fresh.append(measure_files(list(paths[a:b]), threads, list(range(a, b)), protocol))
         if say and (len(fresh) % 10 == 0 or len(fresh) == len(off)):
             say(f"measured again: {len(fresh)}/{len(off)} groups")
-    after = probe()
-    state = float(np.sqrt(now * speed_ratio(after, usual)))
-    for (a, b, f), got in zip(off, fresh):
-        if abs(np.log(state)) < abs(np.log(f)):
+    after = speed_ratio(probe(), usual)
+    for k, ((a, b, f), got) in enumerate(zip(off, fresh)):
+        # the speed at this group's moment: between the timings before and after, by its place in the run
+        at = float(np.exp(np.log(now) + (np.log(after) - np.log(now)) * (k + 0.5) / len(off)))
+        if nearer_usual(at, f):
             for j, m in zip(range(a, b), got):
                 results[j] = {**m, "remeasured": True, "first_p50_ms": results[j]["p50_ms"]}
             summary["replaced"] += b - a
-    summary["factor_after"] = state
+    summary["factor_after"] = after
     return summary
 
 

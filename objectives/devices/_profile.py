@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeslim.spaces import ProfileError, SpecError
+from edgeslim.spaces import ProfileError
 
 if TYPE_CHECKING:
-    from edgeslim.objectives._latency_model import LatencyModel
+    from edgeslim.objectives.devices._model import LatencyModel
 
 __all__ = ["DEVICES_DIR", "DeviceProfile", "EnergyConstants", "ProfileError", "known_devices", "load_device",
            "probe_nchwc_block"]
@@ -99,7 +99,7 @@ class DeviceProfile:
         """
         facts = self.facts
         if not facts:
-            from edgeslim.objectives._runner import device_facts
+            from edgeslim.objectives.devices._runner import device_facts
 
             facts = device_facts(self.threads)
         x86 = str(facts.get("machine", "")).lower() in ("x86_64", "amd64", "i686", "x86")
@@ -119,9 +119,8 @@ class DeviceProfile:
         block size probed on the device (:func:`probe_nchwc_block`), 1 where it is unknown (a
         profile calibrated before the probe existed, or from a remote kit).
 
-        Pruning to a multiple of it pays: on an AVX-512 Xeon a digits CNN pruned from 16/32/64
-        to 12/24/48 channels ran 21.8 us against 18.9 us dense (the blocks are padded back),
-        to 16/16/48 15.7 us.
+        Pruning to a multiple of it pays: a pruned count between two multiples is padded back
+        to the next block at run time, so it costs as much as the unpruned layer.
         """
         if "nchwc_block" in self.facts:
             return int(self.facts["nchwc_block"])
@@ -163,7 +162,7 @@ class DeviceProfile:
     @classmethod
     def from_dict(cls, d: Any, where: str = "profile") -> DeviceProfile:
         """Validate and load a profile document; errors name the bad field."""
-        from edgeslim.objectives._latency_model import LatencyModel
+        from edgeslim.objectives.devices._model import LatencyModel
 
         def need(obj: Any, key: str, typ: type | tuple[type, ...], path: str) -> Any:
             if not isinstance(obj, dict) or key not in obj:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim.objectives._kernels import (KERNEL_FEATURES, Edge, Kernel, boundary_name, kernel_domain,
+from edgeslim.objectives.devices._kernels import (KERNEL_FEATURES, Edge, Kernel, boundary_name, kernel_domain,
                                           kernel_matrix, kernel_type)
 from edgeslim.spaces import ObjectiveError
 
@@ -499,7 +499,7 @@ class LatencyModel:
     def predict_module(self, module: Any, example_input: Any) -> tuple[float, float, int]:
         """(p50, p95, kernel count) of a realized module on ``example_input``: its kernels after
         fusion (torch.fx) plus the overhead for its input and output."""
-        from edgeslim.objectives._kernels import extract_graph, io_bytes
+        from edgeslim.objectives.devices._kernels import extract_graph, io_bytes
 
         kernels, edges = extract_graph(module, example_input)
         p50, p95 = self.predict(kernels, io_bytes(kernels, example_input), edges)

@@ -22,7 +22,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeslim.spaces import ObjectiveError, QuantizedLayer
+from edgeslim.spaces import ObjectiveError, QuantizedLayer, macs, runtime_format
 
 __all__ = ["Kernel", "KERNEL_FEATURES", "Edge", "boundary_class", "extract_graph", "extract_kernels", "io_bytes",
            "boundary_name", "kernel_domain", "kernel_matrix", "kernel_type"]
@@ -73,10 +73,10 @@ class Kernel:
     def macs(self) -> int:
         """Multiply-accumulates (elementwise ops: output elements)."""
         if self.op == "conv":
-            return self.cout * self.ho * self.wo * (self.cin // self.groups) * self.k * self.k
+            return macs(self.out_elems, self.cin, self.groups, self.k * self.k)
         if self.op == "gemm":
-            return self.cin * self.cout * self.ho * self.wo
-        return self.cout * self.ho * self.wo
+            return macs(self.out_elems, self.cin)
+        return self.out_elems
 
     @property
     def in_elems(self) -> int:
@@ -100,17 +100,17 @@ class Kernel:
     @property
     def weight_only(self) -> bool:
         """A 4-bit Linear: ONNX Runtime's MatMulNBits, 4-bit weights, float input and output."""
-        return self.op == "gemm" and self.bits == 4
+        return runtime_format(self.op == "gemm", self.bits)[0]
 
     @property
     def act_bytes(self) -> int:
         """Bytes per activation element the kernel reads and writes (1 in int8 kernels)."""
-        return 1 if self.bits <= 8 and not self.weight_only else 4
+        return runtime_format(self.op == "gemm", self.bits)[2]
 
     @property
     def compute_bits(self) -> int:
         """Width of the multiply-accumulates (MatMulNBits quantizes its input to int8 and computes in int8)."""
-        return 8 if self.weight_only else self.bits
+        return runtime_format(self.op == "gemm", self.bits)[1]
 
 
 _OPS = {"conv": 0, "gemm": 1}
@@ -130,14 +130,15 @@ def kernel_matrix(kernels: Sequence[Kernel]) -> tuple[np.ndarray, np.ndarray]:
     op, bits, cin, cout, ksz, stride, groups, h, w, ho, wo = raw.T
     conv, gemm = op == 0, op == 1
     per_group = np.floor_divide(cin, np.maximum(groups, 1))
-    macs = np.where(conv, cout * ho * wo * per_group * ksz * ksz, np.where(gemm, cin * cout * ho * wo, cout * ho * wo))
+    out = cout * ho * wo
+    work = np.where(conv, macs(out, cin, np.maximum(groups, 1), ksz * ksz), np.where(gemm, macs(out, cin), out))
     weights = np.where(conv, cout * per_group * ksz * ksz, np.where(gemm, cin * cout, 0.0))
-    act = np.where((bits <= 8) & ~(gemm & (bits == 4)), 1.0, 4.0)  # MatMulNBits reads/writes float
+    act = runtime_format(gemm, bits)[2]
     in_b, out_b, w_b = cin * h * w * act, cout * ho * wo * act, weights * bits / 8
-    features = np.stack([np.log2(macs + 1), np.log2(in_b + 1), np.log2(out_b + 1), np.log2(w_b + 1),
+    features = np.stack([np.log2(work + 1), np.log2(in_b + 1), np.log2(out_b + 1), np.log2(w_b + 1),
                          np.log2(cin), np.log2(cout), np.log2(ho * wo), ksz, stride,
                          (cin % 8 == 0).astype(float), (cout % 8 == 0).astype(float)], axis=1)
-    terms = np.stack([np.ones_like(macs), macs, in_b, out_b, w_b], axis=1)
+    terms = np.stack([np.ones_like(work), work, in_b, out_b, w_b], axis=1)
     return features, terms
 
 
