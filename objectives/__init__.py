@@ -10,9 +10,9 @@ Example:
 """
 
 from edgeslim.objectives._accuracy import (AccuracyObjective, evaluate_accuracy, evaluate_onnx_accuracy, finetune_,
-                                           predictions)
+                                           logits_of, predictions)
 from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
-from edgeslim.objectives._data import batches, sample_inputs
+from edgeslim.objectives._data import batches, is_label_free, sample_inputs, teacher_labelled
 from edgeslim.objectives._energy import EnergyBreakdown, EnergyObjective, estimate_energy
 from edgeslim.objectives._export import RUNTIME_KERNELS, LatencyStats, build_artifact, export_onnx, measure_latency, quantize_onnx
 from edgeslim.objectives._latency import LatencyObjective
@@ -29,6 +29,6 @@ __all__ = sorted([
     "load_device", "probe_nchwc_block", "AccuracyObjective", "Candidate", "DataSplits", "DeviceProfile", "EnergyBreakdown",
     "EnergyConstants", "EnergyObjective", "EvalContext", "FinetuneConfig", "LatencyObjective",
     "LatencyStats", "OBJECTIVES", "evaluate_onnx_accuracy", "RUNTIME_KERNELS", "Objective", "SizeObjective", "batches", "build_artifact",
-    "estimate_energy", "evaluate_accuracy", "export_onnx", "finetune_", "measure_latency",
-    "model_size_bytes", "predictions", "quantize_onnx", "sample_inputs",
+    "estimate_energy", "is_label_free", "teacher_labelled", "evaluate_accuracy", "export_onnx", "finetune_", "measure_latency",
+    "logits_of", "model_size_bytes", "predictions", "quantize_onnx", "sample_inputs",
 ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,14 +13,89 @@ from torch import nn
 
 from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
 from edgeslim.objectives._data import batches
+from edgeslim.spaces import ObjectiveError
 
-__all__ = ["AccuracyObjective", "evaluate_accuracy", "evaluate_onnx_accuracy", "finetune_", "predictions"]
+__all__ = ["AccuracyObjective", "evaluate_accuracy", "evaluate_onnx_accuracy", "finetune_", "logits_of", "predictions"]
 
 
-def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int) -> float:
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself; the first element of a tuple or list;
+    a dict's (or an output object's) ``logits``, else its first tensor value.
+
+    Example:
+        >>> t = torch.zeros(1, 3)
+        >>> logits_of(t) is t, logits_of((t, 1)) is t, logits_of({"aux": 1, "logits": t}) is t
+        (True, True, True)
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return logits_of(output[0])
+    if isinstance(output, dict) or hasattr(output, "logits"):
+        found = output.get("logits") if isinstance(output, dict) else output.logits
+        if found is None and isinstance(output, dict):
+            found = next((v for v in output.values() if isinstance(v, torch.Tensor)), None)
+        if isinstance(found, torch.Tensor):
+            return found
+    raise ObjectiveError(f"cannot find logits in the model's output (a {type(output).__name__}); return a "
+                         "tensor, a tuple whose first element is the logits, or a dict with 'logits'")
+
+
+def _freeze_norms(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()  # running statistics stay as they came; scale and shift still train
+
+
+REESTIMATE_SAMPLES = 1024  # BatchNorm statistics re-estimated on this many training samples
+
+
+@torch.no_grad()
+def reestimate_norms_(model: nn.Module, data: DataSplits, batch_size: int = 64, seed: int = 0,
+                      samples: int = REESTIMATE_SAMPLES) -> int:
+    """Re-estimate every BatchNorm's running statistics of ``model`` on up to ``samples``
+    training samples (a plain average over them, not a moving one), dropout off; returns how
+    many samples were used. After pruning, the channels a BatchNorm sees are sums over fewer
+    inputs, so the statistics the model came with no longer describe them.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> m = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+        >>> d = TensorDataset(torch.randn(100, 2), torch.zeros(100, dtype=torch.long))
+        >>> reestimate_norms_(m, DataSplits(d, d, 3), batch_size=32)
+        100
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over every batch seen
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    seen = 0
+    gen = torch.Generator().manual_seed(seed)
+    for x, _ in batches(data.train, batch_size, shuffle=True, generator=gen):
+        model(x)
+        seen += len(x)
+        if seen >= samples:
+            break
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+    return seen
+
+
+def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int,
+              teacher: nn.Module | None = None) -> float:
     """Fine-tune ``model`` in place on ``data.train`` for ``cfg.steps`` steps; returns last loss.
 
-    AdamW with cosine decay to zero; batch order and dropout depend only on ``seed``.
+    AdamW with cosine decay to zero; batch order and dropout depend only on ``seed``. With
+    ``cfg.norm == "frozen"`` BatchNorm keeps its statistics; with ``cfg.distill`` > 0 and a
+    ``teacher`` the loss mixes in distillation from the teacher's softened logits.
 
     Example:
         >>> finetune_(model, data, FinetuneConfig(steps=10), seed=0)  # doctest: +SKIP
@@ -30,14 +106,28 @@ def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.norm == "reestimate":
+        reestimate_norms_(model, data, cfg.batch_size, seed)
     model.train()
+    if cfg.norm in ("frozen", "reestimate"):
+        _freeze_norms(model)
+    distill = cfg.distill if teacher is not None else 0.0
+    if teacher is not None:
+        teacher.eval()
+    t = cfg.temperature
     step, loss_value = 0, float("nan")
     while step < cfg.steps:
         for x, y in batches(data.train, cfg.batch_size, shuffle=True, generator=gen):
             lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.steps))
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = F.cross_entropy(model(x), y)
+            logits = logits_of(model(x))
+            loss = F.cross_entropy(logits, y) if distill < 1.0 else logits.new_zeros(())
+            if distill > 0:
+                with torch.no_grad():
+                    soft = F.log_softmax(logits_of(teacher(x)) / t, dim=-1)
+                kl = F.kl_div(F.log_softmax(logits / t, dim=-1), soft, log_target=True, reduction="batchmean")
+                loss = (1.0 - distill) * loss + distill * t * t * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -60,7 +150,7 @@ def predictions(model: nn.Module, data: DataSplits, batch_size: int = 256) -> np
         [0, 1, 2]
     """
     model.eval()
-    return np.concatenate([model(x).argmax(1).numpy() for x, _ in batches(data.val, batch_size)])
+    return np.concatenate([logits_of(model(x)).argmax(1).numpy() for x, _ in batches(data.val, batch_size)])
 
 
 @torch.no_grad()
@@ -77,7 +167,7 @@ def evaluate_accuracy(model: nn.Module, data: DataSplits, batch_size: int = 256)
     correct = torch.zeros(data.num_classes)
     total = torch.zeros(data.num_classes)
     for x, y in batches(data.val, batch_size):
-        pred = model(x).argmax(dim=1)
+        pred = logits_of(model(x)).argmax(dim=1)
         total += torch.bincount(y, minlength=data.num_classes).float()
         correct += torch.bincount(y[pred == y], minlength=data.num_classes).float()
     per_class = [float(c / t) if t > 0 else float("nan") for c, t in zip(correct, total)]
@@ -98,7 +188,8 @@ def evaluate_onnx_accuracy(path: Path, data: DataSplits) -> tuple[float, list[fl
     preds, labels = [], []
     for x, y in batches(data.val, 256):
         for i in range(len(x)):
-            preds.append(int(sess.run(None, {name: x[i:i + 1].numpy().astype(np.float32)})[0].argmax()))
+            xi = x[i:i + 1].numpy()
+            preds.append(int(sess.run(None, {name: xi.astype(np.float32) if xi.dtype.kind == "f" else xi})[0].argmax()))
         labels.extend(y.tolist())
     p, lab = np.array(preds), np.array(labels)
     per = [float((p[lab == c] == c).mean()) if (lab == c).any() else float("nan") for c in range(data.num_classes)]
@@ -124,10 +215,12 @@ class AccuracyObjective(Objective):
     mutates = True  # fine-tunes the candidate in place: runs before the other objectives
 
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> float:
-        loss = finetune_(candidate.model, ctx.data, ctx.finetune, ctx.seed)
+        loss = finetune_(candidate.model, ctx.data, ctx.finetune, ctx.seed, ctx.teacher)
         acc, per_class = evaluate_accuracy(candidate.model, ctx.data)
         candidate.metrics["finetune_loss"] = loss
         candidate.metrics["accuracy_method"] = "torch candidate (fake-quantized)"
+        if ctx.data.label_free:
+            candidate.metrics["accuracy_method"] += "; label-free: agreement with the dense model's top-1"
         if ctx.score_artifact:
             from edgeslim.objectives._export import candidate_artifact
 
@@ -135,6 +228,7 @@ class AccuracyObjective(Objective):
             candidate.metrics["torch_accuracy"] = acc
             acc, per_class, ort_pred = evaluate_onnx_accuracy(path, ctx.data)
             candidate.metrics["torch_onnx_agreement"] = float((predictions(candidate.model, ctx.data) == ort_pred).mean())
-            candidate.metrics["accuracy_method"] = "exported ONNX artifact (onnxruntime)"
+            candidate.metrics["accuracy_method"] = "exported ONNX artifact (onnxruntime)" + (
+                "; label-free: agreement with the dense model's top-1" if ctx.data.label_free else "")
         candidate.metrics["per_class_accuracy"] = per_class
         return acc

@@ -32,21 +32,43 @@ class DataSplits:
     val: Dataset
     num_classes: int
     class_names: tuple[str, ...] = ()
+    # the held-out labels are the dense model's top-1 (label-free data): accuracy is agreement with it
+    label_free: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
     """Short fine-tune after compression: AdamW with cosine decay, fixed seed.
 
+    ``norm``: ``"train"`` re-estimates BatchNorm statistics from the fine-tune's batches (a
+    network trained here, pruned hard, needs new ones); ``"frozen"`` keeps the statistics the
+    model came with and trains only BatchNorm's scale and shift (a pretrained network, whose
+    statistics came from far more data than a short fine-tune sees); ``"reestimate"`` first
+    re-estimates them on ``REESTIMATE_SAMPLES`` training samples (after pruning), then keeps them
+    frozen while fine-tuning. Dropout and drop-connect
+    run as in training either way. ``distill`` > 0 adds knowledge distillation from the dense
+    model (the teacher): loss = (1 - distill) x cross-entropy + distill x T^2 x KL(teacher || student)
+    on logits softened by ``temperature`` T.
+
     Example:
-        >>> FinetuneConfig(steps=50).lr
-        0.001
+        >>> FinetuneConfig(steps=50).lr, FinetuneConfig().norm
+        (0.001, 'train')
     """
 
     steps: int = 150
     lr: float = 1e-3
     batch_size: int = 64
     weight_decay: float = 0.0
+    norm: Literal["train", "frozen", "reestimate"] = "train"
+    distill: float = 0.0
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("train", "frozen", "reestimate"):
+            raise ValueError(f"norm must be 'train', 'frozen' or 'reestimate', got {self.norm!r}")
+        if not 0.0 <= self.distill <= 1.0 or self.temperature <= 0:
+            raise ValueError(f"distill must be in [0, 1] and temperature > 0, got {self.distill!r}, "
+                             f"{self.temperature!r}")
 
 
 @dataclasses.dataclass
@@ -66,6 +88,8 @@ class EvalContext:
     score_artifact: bool = False  # accuracy of the exported ONNX artifact instead of the torch candidate
     # the dense baseline's artifact: measured latency times each candidate paired with it
     reference_artifact: Path | None = None
+    # the dense model, the teacher when the fine-tune distills (FinetuneConfig.distill > 0)
+    teacher: nn.Module | None = None
 
 
 @dataclasses.dataclass

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["batches", "sample_inputs"]
+__all__ = ["batches", "is_label_free", "sample_inputs", "teacher_labelled"]
 
 
 def batches(dataset: Dataset, batch_size: int, shuffle: bool = False,
@@ -43,3 +44,52 @@ def sample_inputs(dataset: Dataset, count: int, seed: int = 0) -> list[torch.Ten
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset), generator=g)[:count].tolist()
     return [torch.as_tensor(dataset[i][0]).unsqueeze(0) for i in idx]
+
+
+def _input_of(item: Any) -> torch.Tensor:
+    return torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
+
+
+def is_label_free(dataset: Dataset) -> bool:
+    """Whether ``dataset`` yields inputs only (a tensor, or a 1-tuple), not ``(input, label)``.
+
+    Example:
+        >>> is_label_free(TensorDataset(torch.zeros(3, 2))), is_label_free(TensorDataset(torch.zeros(3, 2), torch.zeros(3)))
+        (True, False)
+    """
+    if len(dataset) == 0:
+        return False
+    item = dataset[0]
+    return not isinstance(item, (tuple, list)) or len(item) == 1
+
+
+class _Labelled(Dataset):
+    def __init__(self, inputs: Dataset, labels: torch.Tensor) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _input_of(self.inputs[i]), self.labels[i]
+
+
+@torch.no_grad()
+def teacher_labelled(inputs: Dataset, teacher: Callable[[torch.Tensor], torch.Tensor],
+                     batch_size: int = 256) -> Dataset:
+    """A label-free ``inputs`` dataset with the teacher's top-1 as each sample's label: fine-tuning
+    then learns the dense model's decisions and "accuracy" is agreement with it. In-memory
+    tensors stay a ``TensorDataset`` (sliced without a DataLoader).
+
+    Example:
+        >>> d = teacher_labelled(TensorDataset(torch.eye(3)), lambda x: x)
+        >>> [int(y) for _, y in d]
+        [0, 1, 2]
+    """
+    if isinstance(inputs, TensorDataset):
+        x = inputs.tensors[0]
+        labels = torch.cat([teacher(x[i:i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)])
+        return TensorDataset(x, labels)
+    loader = DataLoader(inputs, batch_size=batch_size, collate_fn=lambda items: torch.stack([_input_of(i) for i in items]))
+    labels = torch.cat([teacher(x).argmax(-1) for x in loader])
+    return _Labelled(inputs, labels)

@@ -310,7 +310,8 @@ class LatencyStats:
 
 def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, warmup: int = 20,
                     min_runs: int = 50, max_runs: int = 2000, budget_s: float = 1.0,
-                    seed: int = 0, sessions: int = 1, reference: Path | None = None) -> LatencyStats:
+                    seed: int = 0, sessions: int = 1, reference: Path | None = None,
+                    example: np.ndarray | None = None) -> LatencyStats:
     """Median and p95 latency of ``path`` with ONNX Runtime's CPU provider.
 
     Fixed intra-op threads, sequential execution, all graph optimizations, random (non-zero)
@@ -336,7 +337,10 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
     """
     from edgeslim.objectives.devices._runner import PROTOCOL, make_session, measure_files, pool_sessions
 
-    x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
+    if example is not None and not np.issubdtype(example.dtype, np.floating):
+        x = example  # token ids and other integer inputs: a real sample, random ones may be out of range
+    else:
+        x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
     protocol = {"warmup": warmup, "min_runs": min_runs, "max_runs": max_runs, "budget_s": budget_s,
                 "spike_factor": math.inf, "rounds": PROTOCOL["rounds"]}
 
@@ -395,6 +399,11 @@ def build_artifact(model: nn.Module, example_input: torch.Tensor, bits_by_layer:
         raise ObjectiveError(f"ONNX Runtime quantization failed: {e}") from e
 
 
+def _as_input(t: torch.Tensor) -> np.ndarray:
+    """A sample as ONNX Runtime takes it: floats as float32, integers (token ids) as they are."""
+    return t.numpy().astype(np.float32) if t.is_floating_point() else t.numpy()
+
+
 def candidate_artifact(candidate: Any, ctx: Any) -> tuple[Path, dict[str, int], dict[str, str]]:
     """The candidate's artifact (see :func:`build_artifact`), built once and kept on the candidate
     so that the accuracy and latency objectives score the same file.
@@ -406,7 +415,7 @@ def candidate_artifact(candidate: Any, ctx: Any) -> tuple[Path, dict[str, int], 
         from edgeslim.objectives._data import sample_inputs
         from edgeslim.spaces import layer_bits
 
-        calib = [t.numpy().astype(np.float32) for t in sample_inputs(ctx.data.train, CALIBRATION_SAMPLES, ctx.seed)]
+        calib = [_as_input(t) for t in sample_inputs(ctx.data.train, CALIBRATION_SAMPLES, ctx.seed)]
         candidate.artifact = build_artifact(candidate.model, ctx.example_input, layer_bits(candidate.model),
                                             calib, ctx.workdir)
     return candidate.artifact

@@ -38,7 +38,8 @@ class LatencyObjective(Objective):
             return self._predict(candidate, ctx)
         path, runtime_bits, runtime_kernels = candidate_artifact(candidate, ctx)
         stats = measure_latency(path, tuple(ctx.example_input.shape), threads=ctx.device.threads,
-                                seed=ctx.seed, reference=ctx.reference_artifact)
+                                seed=ctx.seed, reference=ctx.reference_artifact,
+                                example=ctx.example_input.numpy())
         if stats.speedup is not None:
             candidate.metrics.update(latency_reference_ms=stats.reference_p50_ms,
                                      latency_speedup_paired=stats.speedup,

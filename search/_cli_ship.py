@@ -32,6 +32,11 @@ def cmd_pick(args: argparse.Namespace) -> int:
 
     slo = _slo_from_args(args)
     study, _ = open_study_dir(Path(args.study), args.storage)
+    if study.user_attrs.get("label_free") and slo.max_class_drop_pp is not None:
+        from edgeslim.spaces import SpecError
+
+        raise SpecError("--max-class-drop needs labelled data; this study's data is label-free (its classes are "
+                        "the dense model's own predictions); drop --max-class-drop or search with labelled data")
     records = all_records(study)
     try:
         best = select(records, slo)

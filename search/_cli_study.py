@@ -45,7 +45,8 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
 
 def _front_table(front: list[dict[str, Any]], names: list[str]) -> str:
     refined = any(e.get("refined") for e in front)
-    header = (f"{'trial':>5} {'preset':<24} {'acc':>7} " + (f"{'search':>7} " if refined else "")
+    label_free = any("label-free" in str(e.get("accuracy_method", "")) for e in front)
+    header = (f"{'trial':>5} {'preset':<24} {'agree' if label_free else 'acc':>7} " + (f"{'search':>7} " if refined else "")
               + f"{'Δacc pp':>8} {'size KB':>9} {'lat ms':>8} {'p95 ms':>8} {'x dense':>8} {'energy mJ*':>10}  plan")
     lines = [header, "-" * len(header)]
     for e in front:
@@ -58,6 +59,8 @@ def _front_table(front: list[dict[str, Any]], names: list[str]) -> str:
             f"{e.get('latency_ms', float('nan')):>8.4f} {e.get('latency_p95_ms', float('nan')):>8.4f} "
             f"{vs.get('latency_speedup', float('nan')):>8.2f} "
             f"{e.get('energy_mj', float('nan')):>10.4f}  {e.get('plan_summary', '')}")
+    if label_free:
+        lines.append("label-free data: 'agree' is top-1 agreement with the dense model, not accuracy")
     lines.append("* energy is an estimate from documented constants, not a measurement"
                  + ("; x dense: latency ratio timed side by side with the dense artifact"
                     if any("latency_speedup_paired" in e for e in front) else ""))
@@ -108,7 +111,8 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     for name, dist in space.distributions().items():
         print(f"  {name:<36} {list(dist.choices)}")
     for name, why in space.excluded.items():
-        print(f"  left out of pruning: {name}: {why}")
+        what = "low rank" if name.endswith(" (rank)") else "pruning"
+        print(f"  left out of {what}: {name.removesuffix(' (rank)')}: {why}")
     return 0
 
 

@@ -119,7 +119,7 @@ def write_variant(objective: CompressionObjective, study: optuna.Study, trial_nu
     runtime_bits, runtime_kernels = candidate.artifact[1], candidate.artifact[2]
     reference = objective.reference_artifact(measured=True)
     lat = measure_latency(path, tuple(workload.example_input.shape), threads=profile.threads, seed=objective.seed,
-                          reference=reference)
+                          reference=reference, example=workload.example_input.numpy())
     predicted = profile.latency_model.predict_module(model, workload.example_input)[:2] \
         if profile.predicts_latency else None
     energy = estimate_energy(model, workload.example_input, lat.p50_ms, profile.energy)
@@ -151,7 +151,7 @@ def write_variant(objective: CompressionObjective, study: optuna.Study, trial_nu
         "study": study.study_name, "trial": trial_number, "preset": trial.user_attrs.get("preset", ""),
         "base_model": {"description": workload.description, "sha256_16": workload.model_hash},
         "data": {"split_hash": workload.split_hash, "val_samples": len(workload.data.val),
-                 "classes": list(workload.data.class_names)},
+                 "classes": list(workload.data.class_names), "label_free": workload.data.label_free},
         "device": {"name": profile.name, "id": profile.profile_id, "latency": "calibrated profile" if
                    profile.predicts_latency else "measured locally", "energy": "fitted to a power meter"
                    if profile.energy.measured else "estimated from published constants",
@@ -215,7 +215,9 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
 def render_card(card: dict[str, Any]) -> str:
     """MODEL_CARD.md from card.json: variant against the dense baseline, side by side."""
     a, b = card["artifact"], card["baseline"]
-    rows = [("accuracy (held-out)", a["accuracy"], b.get("accuracy")),
+    label_free = card["data"].get("label_free", False)
+    rows = [("agreement with the dense model (held-out, label-free)" if label_free else "accuracy (held-out)",
+             a["accuracy"], b.get("accuracy")),
             ("size (bytes)", a["bytes"], b.get("size_bytes")),
             ("latency p50 (ms, measured)", a["latency_p50_ms"], b.get("latency_ms")),
             ("latency p95 (ms, measured)", a["latency_p95_ms"], b.get("latency_p95_ms")),

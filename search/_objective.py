@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from edgeslim.objectives import (OBJECTIVES, Candidate, DataSplits, DeviceProfile, EvalContext, FinetuneConfig,
-                                 Objective, evaluate_accuracy, export_onnx, load_device)
+                                 Objective, evaluate_accuracy, export_onnx, is_label_free, load_device, logits_of,
+                                 teacher_labelled)
 from edgeslim.search._budgets import constraint_values
 from edgeslim.search._workloads import Workload, model_hash
 from edgeslim.spaces import CompressionSpace, Plan, RuleSet, SpecError
@@ -121,6 +122,30 @@ def _data_fingerprint(data: DataSplits) -> str:
     return h.hexdigest()[:16]
 
 
+def with_teacher_labels(data: DataSplits, model: nn.Module) -> DataSplits:
+    """``data`` with the dense model's top-1 as the label of every split that has none (label-free
+    data: a dataset of inputs only). A label-free held-out split makes "accuracy" the agreement
+    with the dense model, and ``label_free`` says so to every output.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> d = with_teacher_labels(DataSplits(TensorDataset(torch.eye(2)), TensorDataset(torch.eye(2)), 2), nn.Identity())
+        >>> d.label_free, [int(y) for _, y in d.val]
+        (True, [0, 1])
+    """
+    if not (is_label_free(data.train) or is_label_free(data.val)):
+        return data
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        return logits_of(model(x))
+
+    model.eval()
+    train = teacher_labelled(data.train, teacher) if is_label_free(data.train) else data.train
+    val = teacher_labelled(data.val, teacher) if is_label_free(data.val) else data.val
+    return dataclasses.replace(data, train=train, val=val, label_free=is_label_free(data.val),
+                               class_names=data.class_names or tuple(str(i) for i in range(data.num_classes)))
+
+
 class CompressionObjective:
     """An Optuna objective over a model's compression space: each call draws a plan (per-layer
     channel sparsity, rank and bits) from the trial, realizes it, fine-tunes it briefly and
@@ -158,8 +183,8 @@ class CompressionObjective:
         model.eval()
         if num_classes is None:  # a classifier's logits tell its class count
             with torch.no_grad():
-                num_classes = int(model(example_input).shape[-1])
-        data = DataSplits(train_set, val_set, num_classes, tuple(class_names))
+                num_classes = int(logits_of(model(example_input)).shape[-1])
+        data = with_teacher_labels(DataSplits(train_set, val_set, num_classes, tuple(class_names)), model)
         workload = Workload(model, data, example_input, description or type(model).__name__,
                             evaluate_accuracy(model, data)[0], _data_fingerprint(data), model_hash(model))
         profile = device if isinstance(device, DeviceProfile) else load_device(device, threads)
@@ -195,7 +220,8 @@ class CompressionObjective:
         self._tmp = tempfile.TemporaryDirectory(prefix="edgeslim-")
         self.context = EvalContext(data=workload.data, example_input=workload.example_input, finetune=finetune,
                                    device=device, seed=seed, score_artifact=score_artifact,
-                                   workdir=Path(self._tmp.name))
+                                   workdir=Path(self._tmp.name),
+                                   teacher=workload.model if finetune.distill > 0 else None)
 
     @property
     def model(self) -> nn.Module:
@@ -244,7 +270,8 @@ class CompressionObjective:
                 study.set_metric_names(self.metric_names)
         for key, value in (("base_model_hash", self.workload.model_hash), ("split_hash", self.workload.split_hash),
                            ("workload", self.workload.description), ("channel_multiple", self.space.channel_multiple),
-                           ("dense_policy", DENSE_POLICY), ("device", self.device.describe())):
+                           ("dense_policy", DENSE_POLICY), ("device", self.device.describe()),
+                           ("label_free", self.workload.data.label_free)):
             if attrs.get(key) != value:
                 study.set_user_attr(key, value)
         if attrs.get("presets_enqueued"):

@@ -47,6 +47,7 @@ class ReportData:
     device: str
     class_deltas: tuple[tuple[int, tuple[float, ...]], ...] = ()
     picked: int | None = None
+    label_free: bool = False  # "accuracy" is agreement with the dense model's top-1
     # cost name -> trials on the accuracy-vs-that-cost front, cheapest first
     pair_fronts: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
@@ -122,6 +123,7 @@ def build_report_data(study: optuna.Study, names: list[str], front: list[dict[st
         device=str(study.user_attrs.get("device", "")),
         class_deltas=tuple(deltas),
         picked=picked,
+        label_free=bool(study.user_attrs.get("label_free")),
         pair_fronts={n: tuple(pair_front(points, n)) for n in names if n != "accuracy"} if "accuracy" in names else {},
     )
 
@@ -210,7 +212,8 @@ def render_report(data: ReportData, path: Path) -> Path:
                     fig.add_hline(y=bound, line_dash="dash", line_color="green", row=1, col=i)
             fig.update_xaxes(title_text=LABELS.get(n, n), type="log" if n == "size_bytes" else "linear",
                              row=1, col=i)
-        fig.update_yaxes(title_text="accuracy", row=1, col=1)
+        fig.update_yaxes(title_text="agreement with the dense model (label-free)" if data.label_free
+                         else "accuracy", row=1, col=1)
         fig.update_layout(title="Accuracy against each cost: in red the best accuracy each cost buys over all trials "
                                 "(the front of that pair); the front over all objectives is the table below",
                           height=450)

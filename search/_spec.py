@@ -78,15 +78,21 @@ class DeviceSpec:
 class FinetuneSpec:
     """Short fine-tune of every candidate (AdamW, cosine decay).
 
+    ``norm = "frozen"`` keeps BatchNorm statistics as the model came (pretrained networks);
+    ``distill`` in [0, 1] weighs distillation from the dense model (see ``FinetuneConfig``).
+
     Example:
-        >>> FinetuneSpec().steps
-        150
+        >>> FinetuneSpec().steps, FinetuneSpec().norm
+        (150, 'train')
     """
 
     steps: int = 150
     lr: float = 1e-3
     batch_size: int = 64
     score: str = "torch"  # "artifact": accuracy of the exported ONNX file through ONNX Runtime
+    norm: str = "train"
+    distill: float = 0.0
+    temperature: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,9 +250,9 @@ def _check_values(spec: StudySpec) -> None:
                         "or give factory = 'module:function' or torchvision = '<name>'")
     if m.factory and ":" not in m.factory:
         raise SpecError(f"[model] factory must look like 'module:function', got {m.factory!r}")
-    if not m.builtin and len(m.input_shape) < 1:
-        raise SpecError("[model] input_shape (without batch, e.g. [3, 32, 32]) is required for "
-                        "factory and torchvision models")
+    if spec.data.image_folder and len(m.input_shape) < 2:
+        raise SpecError("[model] input_shape (without batch, e.g. [3, 32, 32]) is required with "
+                        "[data] image_folder: images are resized to it")
     d = spec.data
     sources = [k for k in ("builtin", "image_folder", "factory") if getattr(d, k)]
     if len(sources) > 1:
@@ -264,6 +270,13 @@ def _check_values(spec: StudySpec) -> None:
         raise SpecError(f"[device] threads must be >= 1, got {spec.device.threads!r}")
     if spec.finetune.steps < 0 or spec.finetune.lr <= 0 or spec.finetune.batch_size < 1:
         raise SpecError(f"[finetune] needs steps >= 0, lr > 0, batch_size >= 1; got {spec.finetune}")
+    if spec.finetune.norm not in ("train", "frozen", "reestimate"):
+        raise SpecError(f"[finetune] norm must be 'train' (BatchNorm statistics follow the fine-tune's batches), "
+                        f"'frozen' (keep them) or 'reestimate' (re-estimate on 1024 samples, then keep them), "
+                        f"got {spec.finetune.norm!r}")
+    if not 0.0 <= spec.finetune.distill <= 1.0 or spec.finetune.temperature <= 0:
+        raise SpecError(f"[finetune] distill must be in [0, 1] (0: labels only, 1: teacher only) and temperature "
+                        f"> 0; got distill {spec.finetune.distill!r}, temperature {spec.finetune.temperature!r}")
     r = spec.refine
     if r.steps is not None and r.steps < 1:
         raise SpecError(f"[refine] steps must be >= 1, got {r.steps!r}; leave it out for 10x the search's steps")
@@ -398,4 +411,7 @@ def spec_fingerprint(spec: StudySpec) -> str:
             if k in ("objectives", "model", "data", "device", "finetune", "space", "seed")}
     if keep["space"].get("channel_multiple") == 1:  # the default: studies from before the option resume
         del keep["space"]["channel_multiple"]
+    for key, default in (("norm", "train"), ("distill", 0.0), ("temperature", 2.0)):  # likewise
+        if keep["finetune"].get(key) == default:
+            del keep["finetune"][key]
     return json.dumps(keep, sort_keys=True)

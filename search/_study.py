@@ -75,7 +75,9 @@ def spec_objective(spec: StudySpec, workload: Workload, profile: DeviceProfile,
     names = list(study.metric_names or spec.objectives) if study is not None else list(spec.objectives)
     return CompressionObjective.from_workload(
         workload, profile, objectives=names,
-        finetune=FinetuneConfig(steps=spec.finetune.steps, lr=spec.finetune.lr, batch_size=spec.finetune.batch_size),
+        finetune=FinetuneConfig(steps=spec.finetune.steps, lr=spec.finetune.lr, batch_size=spec.finetune.batch_size,
+                                norm=spec.finetune.norm, distill=spec.finetune.distill,  # type: ignore[arg-type]
+                                temperature=spec.finetune.temperature),
         rules=spec.space.rule_set(), budgets=spec.budgets.active(), seed=spec.seed,
         score_artifact=spec.finetune.score == "artifact", channel_multiple=int(multiple))
 

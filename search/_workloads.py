@@ -8,7 +8,7 @@ import importlib
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from edgeslim.objectives import DataSplits, FinetuneConfig, evaluate_accuracy, finetune_
+from edgeslim.objectives import DataSplits, FinetuneConfig, evaluate_accuracy, finetune_, is_label_free, logits_of
 from edgeslim.search._registry import BUILTIN_WORKLOADS
 from edgeslim.search._spec import StudySpec
 from edgeslim.spaces import SpecError
 
-__all__ = ["DigitsCNN", "DigitsResNet", "Workload", "builtin_model", "digits_splits", "load_workload"]
+__all__ = ["DigitsCNN", "DigitsResNet", "Workload", "builtin_model", "digits_splits", "example_from_data",
+           "load_workload"]
 
 
 class DigitsCNN(nn.Module):
@@ -165,9 +166,17 @@ def _import_attr(ref: str, what: str) -> Callable[..., Any]:
 def _user_model(spec: StudySpec) -> nn.Module:
     m = spec.model
     if m.factory:
-        model = _import_attr(m.factory, "model factory")()
+        factory = _import_attr(m.factory, "model factory")
+        try:
+            model = factory()
+        except Exception as e:  # the user's code: say which factory and what it raised, in one line
+            raise SpecError(f"model factory {m.factory!r} raised {type(e).__name__}: {str(e)[:200]}; "
+                            "fix the factory (it runs from the current folder)") from None
         if not isinstance(model, nn.Module):
             raise SpecError(f"model factory {m.factory!r} returned {type(model).__name__}, not an nn.Module")
+        if model.training:
+            raise SpecError(f"model factory {m.factory!r} returned a model in training mode (dropout and "
+                            "BatchNorm would act as in training while it is scored); return model.eval()")
     else:
         import torchvision
 
@@ -224,11 +233,18 @@ def _user_data(spec: StudySpec) -> tuple[DataSplits, str]:
             full_classes = full.classes
             return DataSplits(train, val, len(full_classes), tuple(full_classes)), h
         return DataSplits(train, val, len(train.classes), tuple(train.classes)), h
-    out = _import_attr(d.factory, "data factory")()
+    factory = _import_attr(d.factory, "data factory")
+    try:
+        out = factory()
+    except Exception as e:
+        raise SpecError(f"data factory {d.factory!r} raised {type(e).__name__}: {str(e)[:200]}; "
+                        "fix the factory (it runs from the current folder)") from None
     if not isinstance(out, tuple) or len(out) not in (2, 3):
         raise SpecError(f"data factory {d.factory!r} must return (train, val) or (train, val, num_classes)")
     train, val = out[0], out[1]
     num = out[2] if len(out) == 3 else spec.model.num_classes or len(getattr(train, "classes", []))
+    if not num and is_label_free(train):
+        return DataSplits(train, val, 0), f"factory:{d.factory}"  # classes: the model's outputs (load_workload)
     if not num:
         raise SpecError(f"cannot tell the number of classes of data factory {d.factory!r}; "
                         "return (train, val, num_classes) or set [model] num_classes")
@@ -297,13 +313,48 @@ def load_workload(spec: StudySpec, out_dir: str | Path, log: Callable[[str], Non
         data, split_hash = _user_data(spec)
         if spec.model.train_epochs:
             train_base(model, data, spec.model.train_epochs, spec.seed)
+        example = example_from_data(model, data, spec.model.input_shape)
+        if is_label_free(data.train) or is_label_free(data.val):
+            from edgeslim.search._objective import with_teacher_labels
+
+            with torch.no_grad():
+                classes = data.num_classes or int(logits_of(model.eval()(example)).shape[-1])
+            data = with_teacher_labels(dataclasses.replace(data, num_classes=classes), model)
         acc = evaluate_accuracy(model, data)[0]
-        example = torch.zeros(1, *spec.model.input_shape)
         desc = spec.model.factory or f"torchvision {spec.model.torchvision}"
+        model.eval()
+        return Workload(model, data, example, desc, acc, split_hash, model_hash(model))
     model.eval()
     # a random example input: some layers (and torch-pruning's tracer) behave oddly on all zeros
     example = torch.randn(example.shape, generator=torch.Generator().manual_seed(spec.seed))
     return Workload(model, data, example, desc, acc, split_hash, model_hash(model))
+
+
+def example_from_data(model: nn.Module, data: DataSplits, input_shape: Sequence[int] = ()) -> torch.Tensor:
+    """The example input of a user's model: the first training sample as a batch of one, in its
+    own dtype (int64 token ids stay int64), checked against ``input_shape`` when given and run
+    through the model once, so a sample that does not fit is one clear error, not a trial failure.
+
+    Example:
+        >>> d = TensorDataset(torch.randint(0, 9, (4, 6)), torch.zeros(4, dtype=torch.long))
+        >>> example_from_data(nn.Sequential(nn.Embedding(9, 3), nn.Flatten(), nn.Linear(18, 2)), DataSplits(d, d, 2)).dtype
+        torch.int64
+    """
+    if len(data.train) == 0:
+        raise SpecError("the training split is empty; give data with at least one sample")
+    first = data.train[0]
+    sample = torch.as_tensor(first[0] if isinstance(first, (tuple, list)) else first).unsqueeze(0)
+    if input_shape and list(sample.shape[1:]) != list(input_shape):
+        raise SpecError(f"the data's first sample has shape {list(sample.shape[1:])} but [model] input_shape is "
+                        f"{list(input_shape)}; fix one of them (input_shape excludes the batch dimension)")
+    try:
+        with torch.no_grad():
+            model.eval()(sample)
+    except Exception as e:
+        raise SpecError(f"the model cannot run the data's first sample (shape {list(sample.shape)}, "
+                        f"{sample.dtype}): {type(e).__name__}: {str(e)[:160]}; check the data factory or "
+                        "[model] input_shape") from None
+    return sample
 
 
 def digits_rgb32(seed: int = 0, val_fraction: float = 0.3) -> tuple[Dataset, Dataset, int]:

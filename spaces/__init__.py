@@ -18,13 +18,13 @@ from edgeslim.spaces._knobs import SUPPORTED_BITS, BitsKnob, Knob, LayerRule, Ra
 from edgeslim.spaces._lowrank import factorize, rank_for, svd_pair
 from edgeslim.spaces._plan import LayerPlan, Plan
 from edgeslim.spaces._quant import (NBITS_BLOCK, QuantizedLayer, dequantized_copy, layer_bits, quantize_weight,
-                                    quantize_weight_blockwise, runtime_format, weight_qmax)
+                                    quantize_weight_blockwise, runtime_format, weight_qmax, custom_forward)
 from edgeslim.spaces._space import CompressionSpace, PruneGroup, link_quantizers_, pruned_count
 
 __all__ = sorted([
     "BitsKnob", "CompressionSpace", "EdgeslimError", "InfeasiblePlanError", "Knob", "LayerInfo",
     "LayerPlan", "LayerRule", "NoFitError", "ObjectiveError", "ProfileError", "Plan", "PruneGroup", "QuantizedLayer", "RankKnob",
     "RuleSet", "SUPPORTED_BITS", "SpaceError", "SparsityKnob", "SpecError", "dequantized_copy",
-    "factorize", "inventory", "layer_bits", "layer_macs", "macs", "link_quantizers_", "quantize_weight", "quantize_weight_blockwise",
+    "factorize", "inventory", "custom_forward", "layer_bits", "layer_macs", "macs", "link_quantizers_", "quantize_weight", "quantize_weight_blockwise",
     "NBITS_BLOCK", "pruned_count", "runtime_format", "rank_for", "svd_pair", "weight_qmax",
 ])

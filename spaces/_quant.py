@@ -15,6 +15,25 @@ ACT_QMIN, ACT_QMAX = 0, 255  # activations: per-tensor asymmetric uint8 (U8S8, t
 NBITS_BLOCK = 32  # 4-bit Linear weights: one scale per 32 input features (ONNX Runtime MatMulNBits)
 
 
+_PLAIN_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward)
+
+
+def custom_forward(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a Conv/Linear subclass whose ``forward`` does more than the plain
+    operation (padding computed in forward, weight standardization, ...). Quantizing such a layer
+    runs its own forward with the quantized weight; it is never factorized (two plain layers
+    would drop what its forward does).
+
+    Example:
+        >>> class Padded(nn.Conv2d):
+        ...     def forward(self, x):
+        ...         return super().forward(F.pad(x, [1, 1, 1, 1]))
+        >>> custom_forward(Padded(1, 1, 3)), custom_forward(nn.Conv2d(1, 1, 3))
+        (True, False)
+    """
+    return type(layer).forward not in _PLAIN_FORWARDS
+
+
 def weight_qmax(bits: int, reduce_range: bool = False) -> int:
     """Largest integer level of a symmetric ``bits`` weight; 7-bit levels for reduced-range int8.
 
@@ -217,7 +236,9 @@ class QuantizedLayer(nn.Module):
             scale, zero = self.act_qparams()
             x = torch.fake_quantize_per_tensor_affine(x, scale, zero, ACT_QMIN, ACT_QMAX)
         w = self.fake_weight()
-        if isinstance(self.layer, nn.Linear):
+        if custom_forward(self.layer):  # the subclass's own forward, with the quantized weight
+            y = torch.func.functional_call(self.layer, {"weight": w}, (x,), strict=False)
+        elif isinstance(self.layer, nn.Linear):
             y = F.linear(x, w, self.layer.bias)
         else:
             y = self.layer._conv_forward(x, w, self.layer.bias)

@@ -20,7 +20,7 @@ from edgeslim.spaces._inventory import COMPRESSIBLE_TYPES, LayerInfo, inventory
 from edgeslim.spaces._knobs import SUPPORTED_BITS, BitsKnob, Knob, RankKnob, RuleSet, SparsityKnob
 from edgeslim.spaces._lowrank import factorize, factorized_params, rank_for
 from edgeslim.spaces._plan import LayerPlan, Plan
-from edgeslim.spaces._quant import QuantizedLayer, _set_submodule
+from edgeslim.spaces._quant import QuantizedLayer, _set_submodule, custom_forward
 
 __all__ = ["CompressionSpace", "PruneGroup", "link_quantizers_", "pruned_count"]
 
@@ -136,6 +136,14 @@ class CompressionSpace:
             if rule.freeze:
                 continue
             ranks = _useful_ranks(layer, rule.rank or (1.0,))
+            module = model.get_submodule(layer.name)
+            if len(ranks) > 1 and custom_forward(module):
+                excluded[f"{layer.name} (rank)"] = (f"{type(module).__name__} does more than a convolution or matmul "
+                                                     "in its forward; two factor layers would drop that")
+                warnings.warn(f"low rank left out for {layer.name!r}: its class {type(module).__name__} overrides "
+                              "forward (e.g. padding computed there), which two plain factor layers would drop; "
+                              "its sparsity and bits knobs stay", stacklevel=2)
+                ranks = (1.0,)
             if len(ranks) > 1:
                 knobs.append(RankKnob(layer.name, ranks))
             bits = tuple(rule.bits or (32,))

@@ -134,3 +134,26 @@ def test_every_edgeslim_error_has_one_root():
     from edgeslim.spaces import EdgeslimError
 
     assert issubclass(ProfileError, SpecError) and issubclass(NoFitError, EdgeslimError)
+
+
+def test_label_free_data_scores_agreement_with_the_dense_model(tmp_path, digits):
+    from torch.utils.data import TensorDataset
+
+    from edgeslim.search._cli_study import _front_table
+
+    train = TensorDataset(digits.data.train.tensors[0])  # inputs only: no labels anywhere
+    val = TensorDataset(digits.data.val.tensors[0])
+    with CompressionObjective(digits.model, digits.example_input, train, val, objectives=["accuracy", "size_bytes"],
+                              finetune=FinetuneConfig(steps=8, lr=2e-3, distill=1.0)) as obj:
+        assert obj.workload.data.label_free and obj.workload.base_accuracy == 1.0  # the dense model agrees with itself
+        study = optuna.create_study(directions=obj.directions)
+        obj.enqueue_baselines(study)
+        study.optimize(obj, n_trials=2)
+        card = obj.export(study, 1, tmp_path / "ship").card
+    assert study.user_attrs["label_free"] is True
+    assert study.trials[0].values[0] == 1.0
+    assert "agreement with the dense model" in study.trials[1].user_attrs["accuracy_method"]
+    front = pareto_front(study)
+    assert "'agree' is top-1 agreement" in _front_table(front, ["accuracy", "size_bytes"])
+    assert card["data"]["label_free"] is True
+    assert "agreement with the dense model (held-out, label-free)" in (tmp_path / "ship" / "MODEL_CARD.md").read_text()

@@ -52,7 +52,8 @@ def test_demo_spec_file_equals_embedded_demo():
     ({"bogus": {}}, "unknown section \\[bogus\\]"),
     ({"study": {"sampler": "cmaes"}}, "unknown sampler 'cmaes'"),
     ({"model": {"builtin": "alexnet9"}}, "unknown built-in model 'alexnet9'"),
-    ({"model": {"torchvision": "resnet18"}}, "input_shape"),
+    ({"model": {"torchvision": "resnet18"}, "data": {"image_folder": "imgs"}}, "input_shape"),
+    ({"model": {"torchvision": "resnet18"}}, "\\[data\\] needs image_folder"),
     ({"space": {"rules": {"_default": {"bits": [16]}}}}, "bits must be a non-empty subset"),
     ({"space": {"rules": {"_default": {"sparsity": "half"}}}}, "must be a list of float"),
     ({"study": {"objectives": ["energy_mj"]}}, "needs 'latency_ms'"),
@@ -147,3 +148,43 @@ def test_every_command_refuses_bad_input_with_one_line_and_exit_2(tmp_path, caps
         assert code == 2, (argv, code, err)
         assert len(errors) == 1 and match in errors[0], (argv, err)
         assert "Traceback" not in err
+
+
+FACTORIES = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+def broken():
+    raise RuntimeError("weights file missing")
+
+def training():
+    return nn.Linear(4, 3)
+
+def fine():
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+
+def data():
+    x, y = torch.randn(20, 4), torch.arange(20) % 3
+    return TensorDataset(x, y), TensorDataset(x, y), 3
+
+def wide_data():
+    x, y = torch.randn(20, 7), torch.arange(20) % 3
+    return TensorDataset(x, y), TensorDataset(x, y), 3
+'''
+
+
+@pytest.mark.parametrize("model,data,match", [
+    ("broken", "data", "model factory 'userfac:broken' raised RuntimeError: weights file missing"),
+    ("training", "data", "returned a model in training mode"),
+    ("fine", "wide_data", "cannot run the data's first sample (shape [1, 7]"),
+])
+def test_user_factories_fail_in_one_line(tmp_path, monkeypatch, capsys, model, data, match):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "userfac.py").write_text(FACTORIES)
+    (tmp_path / "s.toml").write_text(f'[study]\nname = "x"\n[model]\nfactory = "userfac:{model}"\n'
+                                     f'[data]\nfactory = "userfac:{data}"\n')
+    assert main(["search", "s.toml", "--out", "o", "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
