@@ -195,9 +195,7 @@ def export_variant(study_dir: Path, trial_number: int, out: Path | None = None, 
     if trial_number not in done:
         raise SpecError(f"trial {trial_number} is not a completed trial of study {study.study_name!r}; "
                         f"completed: {sorted(done)[:20]}")
-    workload = load_workload(spec, study_dir, log)
-    if study.user_attrs.get("base_model_hash") not in (None, workload.model_hash):
-        raise SpecError("the base model changed since the search; exporting would not reproduce the trial")
+    workload = load_workload(spec, study_dir, log)  # write_variant checks the base model is the searched one
     with spec_objective(spec, workload, spec_device(spec, devices_dir), study) as objective:
         folder = _next_version(study_dir)
         try:
