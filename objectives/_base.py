@@ -45,8 +45,11 @@ class FinetuneConfig:
     model came with and trains only BatchNorm's scale and shift (a pretrained network, whose
     statistics came from far more data than a short fine-tune sees); ``"reestimate"`` first
     re-estimates them on ``REESTIMATE_SAMPLES`` training samples (after pruning), then keeps them
-    frozen while fine-tuning. Dropout and drop-connect
-    run as in training either way. ``distill`` > 0 adds knowledge distillation from the dense
+    frozen while fine-tuning. ``dropout``: with True, dropout, drop-connect and anything else that
+    acts differently in training run as in the user's training; with False only BatchNorm (with
+    ``norm = "train"``) leaves eval mode, so a candidate learns from the same function the teacher
+    computes (a pretrained network distilled into its compressed self on a few hundred samples
+    drifts under the noise alone). ``distill`` > 0 adds knowledge distillation from the dense
     model (the teacher): loss = (1 - distill) x cross-entropy + distill x T^2 x KL(teacher || student)
     on logits softened by ``temperature`` T.
 
@@ -60,6 +63,7 @@ class FinetuneConfig:
     batch_size: int = 64
     weight_decay: float = 0.0
     norm: Literal["train", "frozen", "reestimate"] = "train"
+    dropout: bool = True
     distill: float = 0.0
     temperature: float = 2.0
 

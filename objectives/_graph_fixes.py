@@ -99,8 +99,8 @@ def keep_pools_float(model: onnx.ModelProto) -> int:
 
 
 def drop_requantized_relus(model: onnx.ModelProto) -> int:
-    """Remove ``DQ(s, z) -> Relu -> Q(s, z) -> DQ(s, z)`` where ``z`` is the uint8 minimum; returns
-    how many.
+    """Remove ``DQ(s, z) -> Relu -> Q(s, z) -> DQ(s, z)`` where ``z`` is the uint8 minimum (and the
+    same with a ReLU6 ``Clip`` whose top lies at or above the grid's); returns how many.
 
     On a uint8 grid that starts at zero the dequantized values are already non-negative, so the
     ReLU and the second Q/DQ pair change nothing. ONNX Runtime drops such a pair itself only
@@ -126,14 +126,29 @@ def drop_requantized_relus(model: onnx.ModelProto) -> int:
         return a is not None and b is not None and a[0].size == 1 and np.array_equal(a[0], b[0]) \
             and np.array_equal(a[1], b[1]) and a[1].dtype == np.uint8 and int(a[1]) == 0
 
+    def no_op(act: onnx.NodeProto, grid: tuple[np.ndarray, np.ndarray] | None) -> bool:
+        """A Relu, or a Clip from at most zero to at least the grid's top: nothing to do there."""
+        if act.op_type == "Relu":
+            return True
+        if act.op_type != "Clip" or grid is None:
+            return False
+        attrs = {a.name: a.f for a in act.attribute}  # opset < 11 keeps the bounds as attributes
+        lo = inits[act.input[1]] if len(act.input) > 1 and act.input[1] in inits else attrs.get("min", -np.inf)
+        hi = inits[act.input[2]] if len(act.input) > 2 and act.input[2] in inits else attrs.get("max", np.inf)
+        if (len(act.input) > 1 and act.input[1] and act.input[1] not in inits) or \
+                (len(act.input) > 2 and act.input[2] and act.input[2] not in inits):
+            return False  # bounds computed at run time
+        top = float(grid[0]) * (255 - int(grid[1]))
+        return float(lo) <= 0.0 and float(hi) >= top * (1 - 1e-6)
+
     dropped: set[int] = set()
     before: dict[int, list[onnx.NodeProto]] = {}  # new DQs, each placed right before its consumer
     made = 0
     for relu in graph.node:
-        dq = producers.get(relu.input[0]) if relu.op_type == "Relu" else None
+        dq = producers.get(relu.input[0]) if relu.op_type in ("Relu", "Clip") and relu.input else None
         qs = consumers.get(relu.output[0], [])
         if dq is None or dq.op_type != "DequantizeLinear" or len(qs) != 1 or qs[0].op_type != "QuantizeLinear" \
-                or relu.output[0] in outputs or not same(params(dq), params(qs[0])):
+                or relu.output[0] in outputs or not same(params(dq), params(qs[0])) or not no_op(relu, params(dq)):
             continue
         q = qs[0]
         dqs = consumers.get(q.output[0], [])

@@ -349,8 +349,8 @@ def _focus_target(target: str) -> tuple[nn.Module, torch.Tensor, RuleSet | None]
         spec = load_spec(path)
         torch.manual_seed(spec.seed)
         if spec.model.builtin:
-            model, size, _ = builtin_model(spec.model.builtin)
-            shape = (1, 1, size, size)
+            model, chw, _ = builtin_model(spec.model.builtin)
+            shape = (1, *chw)
         else:
             model, shape = _user_model(spec), (1, *spec.model.input_shape)
         return model.eval(), torch.randn(shape), spec.space.rule_set()

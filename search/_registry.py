@@ -7,8 +7,10 @@ from __future__ import annotations
 
 __all__ = ["BUILTIN_WORKLOADS", "SAMPLERS"]
 
-# name -> (input size on digits, default training epochs); the model classes are in _workloads
-BUILTIN_WORKLOADS: dict[str, tuple[int, int]] = {"digits-cnn": (8, 40), "digits-resnet": (32, 6)}
+# name -> (input channels, input size, default training epochs); the model classes are in _workloads.
+# 0 epochs: pretrained weights that ship in a package, scored label-free on bundled photos (_pretrained)
+BUILTIN_WORKLOADS: dict[str, tuple[int, int, int]] = {
+    "digits-cnn": (1, 8, 40), "digits-resnet": (1, 32, 6), "efficientnet-lite0": (3, 160, 0)}
 
 # name -> what it is; make_sampler builds them (seeded)
 SAMPLERS: dict[str, str] = {

@@ -79,7 +79,8 @@ class FinetuneSpec:
     """Short fine-tune of every candidate (AdamW, cosine decay).
 
     ``norm = "frozen"`` keeps BatchNorm statistics as the model came (pretrained networks);
-    ``distill`` in [0, 1] weighs distillation from the dense model (see ``FinetuneConfig``).
+    ``distill`` in [0, 1] weighs distillation from the dense model; ``dropout = false`` keeps
+    dropout and drop-connect off while fine-tuning (see ``FinetuneConfig``).
 
     Example:
         >>> FinetuneSpec().steps, FinetuneSpec().norm
@@ -91,6 +92,7 @@ class FinetuneSpec:
     batch_size: int = 64
     score: str = "torch"  # "artifact": accuracy of the exported ONNX file through ONNX Runtime
     norm: str = "train"
+    dropout: bool = True
     distill: float = 0.0
     temperature: float = 2.0
 
@@ -411,7 +413,7 @@ def spec_fingerprint(spec: StudySpec) -> str:
             if k in ("objectives", "model", "data", "device", "finetune", "space", "seed")}
     if keep["space"].get("channel_multiple") == 1:  # the default: studies from before the option resume
         del keep["space"]["channel_multiple"]
-    for key, default in (("norm", "train"), ("distill", 0.0), ("temperature", 2.0)):  # likewise
+    for key, default in (("norm", "train"), ("dropout", True), ("distill", 0.0), ("temperature", 2.0)):  # likewise
         if keep["finetune"].get(key) == default:
             del keep["finetune"][key]
     return json.dumps(keep, sort_keys=True)

@@ -76,7 +76,8 @@ def spec_objective(spec: StudySpec, workload: Workload, profile: DeviceProfile,
     return CompressionObjective.from_workload(
         workload, profile, objectives=names,
         finetune=FinetuneConfig(steps=spec.finetune.steps, lr=spec.finetune.lr, batch_size=spec.finetune.batch_size,
-                                norm=spec.finetune.norm, distill=spec.finetune.distill,  # type: ignore[arg-type]
+                                norm=spec.finetune.norm, dropout=spec.finetune.dropout,  # type: ignore[arg-type]
+                                distill=spec.finetune.distill,
                                 temperature=spec.finetune.temperature),
         rules=spec.space.rule_set(), budgets=spec.budgets.active(), seed=spec.seed,
         score_artifact=spec.finetune.score == "artifact", channel_multiple=int(multiple))

@@ -209,29 +209,82 @@ def _stratified_subsets(dataset: Dataset, targets: list[int], val_fraction: floa
     return Subset(dataset, tr.tolist()), Subset(dataset, va.tolist()), _hash_indices(tr.tolist(), va.tolist())
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class UnlabelledImages(Dataset):
+    """The images lying directly in a folder (no class sub-folders), sorted by name, as inputs
+    only: a label-free data set whose targets come from the dense model (teacher top-1).
+
+    Example:
+        >>> UnlabelledImages(Path("."), lambda img: img).files[:0]
+        []
+    """
+
+    def __init__(self, root: Path, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as img:
+            return self.transform(img.convert("RGB"))
+
+
+def _image_source(root: Path, tf: Callable[[Any], torch.Tensor]) -> Dataset:
+    """An ImageFolder when ``root`` has class sub-folders, else its loose images, label-free."""
+    from torchvision import datasets
+
+    if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+        return datasets.ImageFolder(root, transform=tf)
+    images = UnlabelledImages(root, tf)
+    if not len(images):
+        raise SpecError(f"{str(root)!r} holds neither class sub-folders nor images ({', '.join(IMAGE_SUFFIXES)}); "
+                        "give a folder of images, or one sub-folder per class")
+    return images
+
+
+def _listing(ds: Dataset) -> list[str]:
+    return [str(p) for p in ds.files] if isinstance(ds, UnlabelledImages) else [str(s) for s in ds.samples]
+
+
 def _user_data(spec: StudySpec) -> tuple[DataSplits, str]:
     d, shape = spec.data, spec.model.input_shape
     if d.image_folder:
-        from torchvision import datasets, transforms
+        from torchvision import transforms
 
         root = Path(d.image_folder)
         if not root.is_dir():
             raise SpecError(f"data path {d.image_folder!r} does not exist; give an ImageFolder root "
-                            "(one sub-folder per class, or train/ and val/ folders of those)")
+                            "(one sub-folder per class, or train/ and val/ folders of those, or loose images "
+                            "for label-free data)")
         steps: list[Any] = [transforms.Resize(tuple(shape[1:]))]
         if shape[0] == 1:
             steps.append(transforms.Grayscale())
         steps += [transforms.ToTensor(), transforms.Normalize([0.5] * shape[0], [0.5] * shape[0])]
         tf = transforms.Compose(steps)
         if (root / "train").is_dir() and (root / "val").is_dir():
-            train = datasets.ImageFolder(root / "train", transform=tf)
-            val = datasets.ImageFolder(root / "val", transform=tf)
-            h = hashlib.sha256(json.dumps([train.samples, val.samples], default=str).encode()).hexdigest()[:16]
+            train, val = _image_source(root / "train", tf), _image_source(root / "val", tf)
+            h = hashlib.sha256(json.dumps([_listing(train), _listing(val)]).encode()).hexdigest()[:16]
         else:
-            full = datasets.ImageFolder(root, transform=tf)
-            train, val, h = _stratified_subsets(full, full.targets, d.val_fraction, spec.seed)
-            full_classes = full.classes
-            return DataSplits(train, val, len(full_classes), tuple(full_classes)), h
+            full = _image_source(root, tf)
+            if isinstance(full, UnlabelledImages):
+                if len(full) < 2:
+                    raise SpecError(f"{str(root)!r} holds {len(full)} image; a label-free folder needs at least 2 "
+                                    "(some to fine-tune on, some held out)")
+                order = np.random.default_rng(spec.seed).permutation(len(full))
+                n_val = min(len(full) - 1, max(1, round(len(full) * d.val_fraction)))
+                va, tr = order[:n_val].tolist(), order[n_val:].tolist()
+                train, val, h = Subset(full, tr), Subset(full, va), _hash_indices(tr, va)
+            else:
+                train, val, h = _stratified_subsets(full, full.targets, d.val_fraction, spec.seed)
+                return DataSplits(train, val, len(full.classes), tuple(full.classes)), h
+        if is_label_free(train) or is_label_free(val):
+            return DataSplits(train, val, 0), h  # label-free: classes are the model's outputs (load_workload)
         return DataSplits(train, val, len(train.classes), tuple(train.classes)), h
     factory = _import_attr(d.factory, "data factory")
     try:
@@ -263,18 +316,23 @@ def train_base(model: nn.Module, data: DataSplits, epochs: int, seed: int) -> fl
 _MODELS: dict[str, Callable[[], nn.Module]] = {"digits-cnn": DigitsCNN, "digits-resnet": DigitsResNet}
 
 
-def builtin_model(name: str) -> tuple[nn.Module, int, int]:
-    """A fresh built-in model, its input size on digits and its default training epochs.
+def builtin_model(name: str) -> tuple[nn.Module, tuple[int, int, int], int]:
+    """A fresh built-in model, its input shape (without batch) and its default training epochs
+    (0: pretrained weights from a package, nothing to train).
 
     Example:
-        >>> model, size, epochs = builtin_model("digits-resnet")
-        >>> type(model).__name__, size
-        ('DigitsResNet', 32)
+        >>> model, shape, epochs = builtin_model("digits-resnet")
+        >>> type(model).__name__, shape
+        ('DigitsResNet', (1, 32, 32))
     """
     if name not in BUILTIN_WORKLOADS:
         raise SpecError(f"unknown built-in model {name!r}; built-ins: {list(BUILTIN_WORKLOADS)}")
-    size, epochs = BUILTIN_WORKLOADS[name]
-    return _MODELS[name](), size, epochs
+    channels, size, epochs = BUILTIN_WORKLOADS[name]
+    if not epochs:
+        from edgeslim.search._pretrained import efficientnet_lite0
+
+        return efficientnet_lite0(), (channels, size, size), 0
+    return _MODELS[name](), (channels, size, size), epochs
 
 
 def load_workload(spec: StudySpec, out_dir: str | Path, log: Callable[[str], None] = print) -> Workload:
@@ -286,7 +344,16 @@ def load_workload(spec: StudySpec, out_dir: str | Path, log: Callable[[str], Non
     out_dir = Path(out_dir)
     torch.manual_seed(spec.seed)
     if spec.model.builtin:
-        model, size, epochs = builtin_model(spec.model.builtin)
+        if not BUILTIN_WORKLOADS[spec.model.builtin][2]:
+            from edgeslim.search._pretrained import TRAIN_CROPS, VAL_CROPS, pretrained_workload
+
+            size = BUILTIN_WORKLOADS[spec.model.builtin][1]
+            model, data, split_hash, acc = pretrained_workload(size, TRAIN_CROPS, VAL_CROPS, spec.seed, out_dir, log)
+            example = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(spec.seed))
+            desc = (f"built-in {spec.model.builtin}, pretrained on ImageNet, on {TRAIN_CROPS}+{VAL_CROPS} crops of "
+                    f"photos bundled with scikit-image/scikit-learn ({size}x{size}, label-free)")
+            return Workload(model, data, example, desc, acc, split_hash, model_hash(model))
+        model, (_, size, _), epochs = builtin_model(spec.model.builtin)
         data, split_hash = digits_splits(size, spec.data.val_fraction, spec.seed)
         cache = out_dir / "base_model.pt"
         key = {"workload": spec.model.builtin, "seed": spec.seed, "split": split_hash,

@@ -82,7 +82,8 @@ def svd_pair(layer: nn.Module, r: int) -> nn.Sequential:
         first.weight.data.copy_(first_w)
         second.weight.data.copy_(second_w)
     else:
-        conv = type(layer)
+        # the plain class: a subclass reaches here only when its forward is the plain op (forward_is_plain)
+        conv = nn.Conv1d if isinstance(layer, nn.Conv1d) else nn.Conv2d
         first = conv(inp, r, layer.kernel_size, stride=layer.stride, padding=layer.padding,
                      dilation=layer.dilation, bias=False, padding_mode=layer.padding_mode)
         second = conv(r, out, 1, bias=bias)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +16,16 @@ ACT_QMIN, ACT_QMAX = 0, 255  # activations: per-tensor asymmetric uint8 (U8S8, t
 NBITS_BLOCK = 32  # 4-bit Linear weights: one scale per 32 input features (ONNX Runtime MatMulNBits)
 
 
-_PLAIN_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward)
+_PLAIN_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_PLAIN_FORWARDS = tuple(t.forward for t in _PLAIN_TYPES)
 
 
 def custom_forward(layer: nn.Module) -> bool:
     """Whether ``layer`` is a Conv/Linear subclass whose ``forward`` does more than the plain
     operation (padding computed in forward, weight standardization, ...). Quantizing such a layer
-    runs its own forward with the quantized weight; it is never factorized (two plain layers
-    would drop what its forward does).
+    runs its own forward with the quantized weight; it is factorized only where
+    :func:`forward_is_plain` shows its forward to be the plain op on the input it meets (two plain
+    layers would drop anything more).
 
     Example:
         >>> class Padded(nn.Conv2d):
@@ -32,6 +35,28 @@ def custom_forward(layer: nn.Module) -> bool:
         (True, False)
     """
     return type(layer).forward not in _PLAIN_FORWARDS
+
+
+def forward_is_plain(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``layer``'s own forward gives what the plain convolution or matmul gives on ``x``
+    (an input of the shape it meets in the model): a subclass whose extra step is a no-op there
+    (TF-"same" padding of a 1×1 conv pads nothing) can be factorized like a plain layer.
+
+    Example:
+        >>> class Same(nn.Conv2d):
+        ...     def forward(self, x):
+        ...         pad = (self.kernel_size[0] - 1) // 2
+        ...         return super().forward(F.pad(x, [pad] * 4))
+        >>> forward_is_plain(Same(4, 4, 1), torch.randn(1, 4, 6, 6)), forward_is_plain(Same(4, 4, 3), torch.randn(1, 4, 6, 6))
+        (True, False)
+    """
+    plain = next(f for f in _PLAIN_FORWARDS if isinstance(layer, _PLAIN_TYPES[_PLAIN_FORWARDS.index(f)]))
+    with torch.no_grad():
+        try:
+            own, ref = layer(x), plain(layer, x)
+        except Exception:  # the plain op cannot even take the input: certainly not the same
+            return False
+    return own.shape == ref.shape and bool(torch.allclose(own, ref, rtol=1e-4, atol=1e-5))
 
 
 def weight_qmax(bits: int, reduce_range: bool = False) -> int:
@@ -175,6 +200,7 @@ class QuantizedLayer(nn.Module):
         # set by realizing a plan (see link_quantizers_): the ReLU that follows runs before the
         # output quantizer, and an input that is another quantized layer's output keeps its grid
         self.relu_after = False
+        self.relu_max = math.inf  # ReLU6 after the layer: 6.0
         self.source: QuantizedLayer | None = None
 
     def _observe(self, x: torch.Tensor, lo_buf: torch.Tensor, hi_buf: torch.Tensor, flag: torch.Tensor) -> None:
@@ -245,7 +271,7 @@ class QuantizedLayer(nn.Module):
         if self.norm is not None:
             y = self.norm(y)
         if self.quantize_input and self.relu_after:  # quantized where ONNX Runtime quantizes: after it
-            y = F.relu(y)
+            y = F.relu(y) if math.isinf(self.relu_max) else y.clamp(0.0, self.relu_max)
         if self.quantize_input:
             if self.training or self.calibrating or not bool(self.out_observed):
                 self._observe(y, self.out_min, self.out_max, self.out_observed)

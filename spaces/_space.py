@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 import torch_pruning as tp
 from optuna.distributions import BaseDistribution
 from torch import nn
@@ -20,7 +22,7 @@ from edgeslim.spaces._inventory import COMPRESSIBLE_TYPES, LayerInfo, inventory
 from edgeslim.spaces._knobs import SUPPORTED_BITS, BitsKnob, Knob, RankKnob, RuleSet, SparsityKnob
 from edgeslim.spaces._lowrank import factorize, factorized_params, rank_for
 from edgeslim.spaces._plan import LayerPlan, Plan
-from edgeslim.spaces._quant import QuantizedLayer, _set_submodule, custom_forward
+from edgeslim.spaces._quant import QuantizedLayer, _set_submodule, custom_forward, forward_is_plain
 
 __all__ = ["CompressionSpace", "PruneGroup", "link_quantizers_", "pruned_count"]
 
@@ -62,6 +64,25 @@ def pruned_count(channels: int, sparsity: float, multiple: int = 1) -> int:
         return 0
     kept = max(multiple, int((channels - n) / multiple + 0.5) * multiple)
     return max(channels - kept, 0)
+
+
+def _plain_after_all(model: nn.Module, example_input: torch.Tensor, names: list[str]) -> set[str]:
+    """Which of the named custom-forward layers act as their plain op on the input they meet in
+    ``model`` (one forward pass with hooks; nothing runs when ``names`` is empty)."""
+    if not names:
+        return set()
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: seen.setdefault(n, args[0].detach().clone())) for n in names]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return {n for n in names if n in seen and forward_is_plain(model.get_submodule(n), seen[n])}
 
 
 class CompressionSpace:
@@ -131,24 +152,31 @@ class CompressionSpace:
                 choices = set(by_count.values())
             if choices - {0.0}:
                 knobs.append(SparsityKnob(g.name, tuple(sorted(choices | {0.0}))))
+        custom = [l.name for l in layers if custom_forward(model.get_submodule(l.name))
+                  and not rules.resolve(l.name).freeze and len(_useful_ranks(l, rules.resolve(l.name).rank or (1.0,))) > 1]
+        plain = _plain_after_all(model, example_input, custom)
+        dropped: dict[str, list[str]] = {}
         for layer in layers:
             rule = rules.resolve(layer.name)
             if rule.freeze:
                 continue
             ranks = _useful_ranks(layer, rule.rank or (1.0,))
-            module = model.get_submodule(layer.name)
-            if len(ranks) > 1 and custom_forward(module):
-                excluded[f"{layer.name} (rank)"] = (f"{type(module).__name__} does more than a convolution or matmul "
-                                                     "in its forward; two factor layers would drop that")
-                warnings.warn(f"low rank left out for {layer.name!r}: its class {type(module).__name__} overrides "
-                              "forward (e.g. padding computed there), which two plain factor layers would drop; "
-                              "its sparsity and bits knobs stay", stacklevel=2)
+            if layer.name in custom and layer.name not in plain:
+                cls_name = type(model.get_submodule(layer.name)).__name__
+                excluded[f"{layer.name} (rank)"] = (f"{cls_name} does more than a convolution or matmul in its forward "
+                                                     "on the input it meets; two factor layers would drop that")
+                dropped.setdefault(cls_name, []).append(layer.name)
                 ranks = (1.0,)
             if len(ranks) > 1:
                 knobs.append(RankKnob(layer.name, ranks))
             bits = tuple(rule.bits or (32,))
             if bits != (32,):
                 knobs.append(BitsKnob(layer.name, bits))
+        for cls_name, names in dropped.items():
+            warnings.warn(f"low rank left out for {len(names)} layer(s) of class {cls_name} ({', '.join(names[:3])}"
+                          f"{', ...' if len(names) > 3 else ''}): its forward does more than the plain op there "
+                          "(e.g. padding computed in forward), which two factor layers would drop; their sparsity "
+                          "and bits knobs stay", stacklevel=2)
         space = cls(layers, groups, tuple(knobs), example_input, excluded, channel_multiple)
         if not space.distributions():
             raise SpaceError(
@@ -281,15 +309,19 @@ _RELUS = (torch.relu, torch.relu_, torch.nn.functional.relu)
 
 
 class _QuantLeafTracer(torch.fx.Tracer):
+    # conv/linear subclasses from other packages (TF-"same" padding convs) stay one node, as
+    # torch.nn's own layers do, so the BatchNorm or ReLU after them is found as their user
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantizedLayer) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (QuantizedLayer, *COMPRESSIBLE_TYPES)) or super().is_leaf_module(m, qualname)
 
 
 def link_quantizers_(model: nn.Module) -> int:
     """Quantize int8 activations where ONNX Runtime's int8 graph does; returns the links made.
 
-    A quantized layer whose only consumer is a ReLU quantizes after it (``relu_after``): ONNX
-    Runtime then drops the ReLU into the output quantization (uint8 from zero). A quantized
+    A quantized layer whose only consumer is a ReLU or ReLU6 quantizes after it (``relu_after``,
+    ``relu_max``): the output grid then starts at zero and ends at most at the cap, the export
+    drops the activation into the output quantization, and a ReLU6 network keeps 8-bit
+    resolution on [0, 6] instead of spreading it over the conv's whole pre-activation range. A quantized
     layer whose input is another quantized layer's output (through that ReLU, max-pooling,
     flattening) takes the producer's output grid (``source``): one tensor, one scale, so ONNX
     Runtime chains QLinearConv -> QLinearConv with no float tensor in between. Untraceable
@@ -313,9 +345,20 @@ def link_quantizers_(model: nn.Module) -> int:
     def module(n: object) -> nn.Module | None:
         return modules.get(n.target) if isinstance(n, torch.fx.Node) and n.op == "call_module" else None
 
+    def relu_cap(n: torch.fx.Node) -> float | None:
+        """The top of a ReLU-like clamp from zero at ``n`` (inf for ReLU, 6 for ReLU6), else None."""
+        m = module(n)
+        if isinstance(m, nn.ReLU) or (n.op == "call_function" and n.target in _RELUS) \
+                or (n.op == "call_method" and n.target in ("relu", "relu_")):
+            return math.inf
+        if isinstance(m, nn.Hardtanh) and m.min_val == 0.0:  # nn.ReLU6 is a Hardtanh(0, 6)
+            return float(m.max_val)
+        if n.op == "call_function" and n.target is F.relu6:
+            return 6.0
+        return None
+
     def is_relu(n: torch.fx.Node) -> bool:
-        return (isinstance(module(n), nn.ReLU) or (n.op == "call_function" and n.target in _RELUS)
-                or (n.op == "call_method" and n.target in ("relu", "relu_")))
+        return relu_cap(n) is not None
 
     def keeps_grid(n: torch.fx.Node) -> bool:
         return (isinstance(module(n), _GRID_KEEPING) or (n.op == "call_function" and n.target is torch.flatten)
@@ -326,7 +369,8 @@ def link_quantizers_(model: nn.Module) -> int:
         user = n
         while len(user.users) == 1 and isinstance(module(next(iter(user.users))), nn.Identity):
             user = next(iter(user.users))
-        module(n).relu_after = len(user.users) == 1 and is_relu(next(iter(user.users)))
+        cap = relu_cap(next(iter(user.users))) if len(user.users) == 1 else None
+        module(n).relu_after, module(n).relu_max = cap is not None, cap if cap is not None else math.inf
     links = 0
     for n in quantized:
         up, through_relu = n.args[0] if n.args else None, False
@@ -349,7 +393,7 @@ def _detach_batchnorm_(model: nn.Module, convs: set[str]) -> dict[str, nn.Module
     import torch.fx
 
     try:
-        graph = torch.fx.Tracer().trace(model)
+        graph = _QuantLeafTracer().trace(model)
     except Exception:  # untraceable model: keep BatchNorm in place, fake quantization is then approximate
         log.info("cannot trace the model to find the BatchNorm after quantized convs; it stays in place")
         return {}

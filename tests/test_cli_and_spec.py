@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeslim.search import demo_spec, load_spec, parse_spec
@@ -188,3 +189,32 @@ def test_user_factories_fail_in_one_line(tmp_path, monkeypatch, capsys, model, d
     assert main(["search", "s.toml", "--out", "o", "--trials", "1"]) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+
+
+def test_image_folder_without_class_folders_is_label_free_and_scored_as_agreement(tmp_path):
+    from PIL import Image
+
+    from edgeslim.search._workloads import load_workload
+
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(imgs / f"{i:02d}.png")
+    (imgs / "notes.txt").write_text("not an image")
+    spec = parse_spec({"study": {"name": "x"}, "model": {"torchvision": "mobilenet_v3_small", "input_shape": [3, 32, 32]},
+                       "data": {"image_folder": str(imgs), "val_fraction": 0.3}})
+    w = load_workload(spec, tmp_path / "o", log=lambda _s: None)
+    assert w.data.label_free and w.data.num_classes == 1000  # the model's outputs
+    assert (len(w.data.train), len(w.data.val)) == (7, 3)  # the .txt is not an image
+    assert w.base_accuracy == 1.0  # the dense model agrees with itself
+    assert tuple(w.example_input.shape) == (1, 3, 32, 32)
+
+
+def test_empty_image_folder_names_what_it_needs(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    spec = tmp_path / "s.toml"
+    spec.write_text('[study]\nname = "x"\n[model]\ntorchvision = "resnet18"\ninput_shape = [3, 32, 32]\n'
+                    f'[data]\nimage_folder = "{tmp_path / "imgs"}"\n')
+    assert main(["search", str(spec), "--out", str(tmp_path / "o")]) == 2
+    assert "holds neither class sub-folders nor images" in capsys.readouterr().err

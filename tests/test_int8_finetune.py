@@ -159,9 +159,12 @@ def test_uniform_int8_residual_graph_stays_int8(tmp_path):
     with torch.no_grad():
         ref = q(xs).numpy()
     out = np.concatenate([sess.run(None, {"input": xs[i:i + 1].numpy()})[0] for i in range(len(xs))])
-    # the rewritten graph still computes the fake-quantized model (4 % of the largest logit here,
-    # as before the ReLU rewrite: output-quantization levels, not a changed function)
-    assert np.abs(out - ref).max() <= 0.08 * np.abs(ref).max() and (out.argmax(1) == ref.argmax(1)).mean() >= 0.875
+    # the rewritten graph still computes the fake-quantized model: within 8 % of the largest logit
+    # or two output-quantization levels, whichever is more (4 % on AVX-512 VNNI; on AVX2 without
+    # VNNI the u8s8 kernels' int16 saturation moves a few logits by two levels of the 23 they span)
+    step = float(np.diff(np.unique(ref)).min())
+    assert np.abs(out - ref).max() <= max(0.08 * np.abs(ref).max(), 2.01 * step), (np.abs(out - ref).max(), step)
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.875
     ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
     assert "Conv" not in ops and ops.count("QLinearConv") == len(got) - 1 and "QLinearAdd" in ops
     islands = _float_islands(so.optimized_model_filepath)

@@ -176,3 +176,33 @@ def test_fine_tuning_runs_before_every_other_objective():
 
     assert [o.name for o in ordered_objectives(["energy_mj", "latency_ms", "size_bytes", "accuracy"])] == [
         "accuracy", "latency_ms", "size_bytes", "energy_mj"]
+
+
+class _DropNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Dropout(0.5), nn.Linear(8, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_distilling_a_network_into_itself_moves_no_weight_unless_dropout_runs(dropout):
+    from torch.utils.data import TensorDataset
+
+    from edgeslim.objectives import DataSplits, FinetuneConfig, finetune_
+
+    torch.manual_seed(0)
+    model = _DropNet().eval()
+    teacher = _DropNet().eval()
+    teacher.load_state_dict(model.state_dict())
+    ds = TensorDataset(torch.randn(64, 3, 8, 8), torch.randint(0, 5, (64,)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = FinetuneConfig(steps=6, lr=1e-2, batch_size=16, norm="frozen", dropout=dropout, distill=1.0)
+    finetune_(model, DataSplits(ds, ds, 5), cfg, seed=0, teacher=teacher)
+    unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # without dropout the student computes the teacher's logits bit for bit: the gradient is exactly
+    # zero (Adam would blow rounding noise up to full-size steps); with dropout it learns
+    assert unchanged is not dropout

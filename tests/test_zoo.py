@@ -157,7 +157,7 @@ def test_user_patterns_survive_every_plan_kind_and_export(name):
 def test_custom_forward_layers_keep_their_forward_and_leave_low_rank_out():
     torch.manual_seed(0)
     model, x = SameNet().eval(), torch.randn(1, 3, 30, 30)
-    with pytest.warns(UserWarning, match="low rank left out for 'c1'"):
+    with pytest.warns(UserWarning, match=r"low rank left out for 2 layer\(s\) of class Conv2dSame \(c1, c2\)"):
         space = CompressionSpace.build(model, x)
     assert custom_forward(model.c1) and not custom_forward(model.fc)
     assert {"c1 (rank)", "c2 (rank)", "c3 (rank)"} <= set(space.excluded)
@@ -165,6 +165,46 @@ def test_custom_forward_layers_keep_their_forward_and_leave_low_rank_out():
     int8 = space.realize(model, space.uniform_plan(bits=8))
     with torch.no_grad():  # the quantized conv pads as its class does: 30x30 -> 15x15, as dense
         assert int8.c1(x).shape == model.c1(x).shape == (1, 16, 15, 15)
+
+
+class PointwiseSameNet(nn.Module):
+    """A TF-same 1x1 conv pads nothing: its forward is the plain conv on any input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = Conv2dSame(3, 32, 3, stride=2)
+        self.pw = Conv2dSame(32, 32, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu6(self.pw(F.relu6(self.c1(x)))).mean((2, 3)))
+
+
+def test_same_padding_1x1_conv_keeps_its_rank_knob_and_factorizes_exactly():
+    torch.manual_seed(0)
+    model, x = PointwiseSameNet().eval(), torch.randn(2, 3, 17, 17)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) of class Conv2dSame \(c1\)"):
+        space = CompressionSpace.build(model, x)
+    assert "c1 (rank)" in space.excluded and "pw (rank)" not in space.excluded
+    assert any(k.startswith("pw.rank") for k in space.distributions())
+    low = space.realize(model, space.uniform_plan(rank=0.25))
+    assert isinstance(low.pw, nn.Sequential) and [type(m) for m in low.pw] == [nn.Conv2d, nn.Conv2d]
+    assert type(low.c1) is Conv2dSame  # the 3x3 pads in forward: left whole
+    with torch.no_grad():
+        assert low(x).shape == model(x).shape and bool(torch.isfinite(low(x)).all())
+
+
+def test_relu6_after_int8_conv_caps_the_output_grid_at_six():
+    torch.manual_seed(0)
+    model, x = PointwiseSameNet().eval(), torch.randn(2, 3, 17, 17) * 4
+    with pytest.warns(UserWarning):
+        space = CompressionSpace.build(model, x)
+    int8 = space.realize(model, space.uniform_plan(bits=8))
+    assert int8.c1.relu_after and int8.c1.relu_max == 6.0
+    int8.eval()
+    with torch.no_grad():
+        out = int8.c1(x)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 6.0 + 1e-6
 
 
 # one architecture per torchvision family that tests/test_deploy.py does not already cover
