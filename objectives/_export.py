@@ -18,6 +18,7 @@ import onnx
 import torch
 from torch import nn
 
+from edgeslim.objectives._accuracy import logits_of
 from edgeslim.objectives._graph_fixes import drop_requantized_relus, keep_pools_float
 from edgeslim.spaces import ObjectiveError, dequantized_copy, weight_qmax
 
@@ -30,12 +31,18 @@ log = logging.getLogger("edgeslim")
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> Path:
-    """Export ``model`` (fake quantization stripped) to one ONNX file with the dynamo exporter.
+    """Export ``model`` (fake quantization stripped) to one ONNX file with the dynamo exporter; a
+    model returning a tuple or dict is exported with its logits as the one output (the tensor, the
+    tuple's first element, the dict's ``logits`` or else its first tensor).
 
     Example:
         >>> p = export_onnx(nn.Linear(4, 2), torch.zeros(1, 4), tmp / "m.onnx")  # doctest: +SKIP
     """
-    plain = dequantized_copy(model).eval()
+    plain: nn.Module = dequantized_copy(model).eval()
+    with torch.no_grad():
+        structured = not isinstance(plain(example_input), torch.Tensor)
+    if structured:  # a tuple or dict: the artifact's one output is what scoring took as the logits
+        plain = _LogitsOnly(plain)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         # the exporter prints progress lines on stdout even with verbose=False, and its onnx_ir
@@ -47,6 +54,17 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> Pa
     except Exception as e:
         raise ObjectiveError(f"ONNX export failed for {type(model).__name__}: {e}") from e
     return path
+
+
+class _LogitsOnly(nn.Module):
+    """A model whose output is a tuple or dict, reduced to its logits (:func:`logits_of`'s rule)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(x))
 
 
 @contextlib.contextmanager

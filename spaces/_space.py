@@ -477,6 +477,17 @@ def _find_groups(model: nn.Module, example: torch.Tensor, layers: tuple[LayerInf
     return tuple(sorted(groups, key=lambda g: order[g.name]))
 
 
+def _shapes(output: Any) -> list[Any]:
+    """The shapes of every tensor in a model's output (a tensor, tuple, list or dict), in order."""
+    if isinstance(output, torch.Tensor):
+        return [tuple(output.shape)]
+    if isinstance(output, Mapping):
+        return [(k, _shapes(v)) for k, v in output.items()]
+    if isinstance(output, (tuple, list)):
+        return [_shapes(v) for v in output]
+    return [type(output).__name__]
+
+
 def _drop_unsafe(model: nn.Module, example: torch.Tensor, groups: list[PruneGroup],
                  excluded: dict[str, str]) -> list[PruneGroup]:
     """Prune one channel of every group on a copy; drop groups whose pruning breaks the model."""
@@ -487,7 +498,7 @@ def _drop_unsafe(model: nn.Module, example: torch.Tensor, groups: list[PruneGrou
             m = copy.deepcopy(model).eval()
             _prune_(m, space, plan)
             with torch.no_grad():
-                return tuple(m(example).shape) == tuple(model.eval()(example).shape)
+                return _shapes(m(example)) == _shapes(model.eval()(example))
         except Exception:
             return False
 

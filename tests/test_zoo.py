@@ -260,3 +260,33 @@ def test_token_model_searches_and_ships_through_the_python_api(tmp_path):
         card = objective.export(study, 1, tmp_path / "ship").card
     assert card["artifact"]["torch_onnx_top1_agreement"] >= 0.9
     assert card["artifact"]["latency_p50_ms"] > 0
+
+
+class DictOutNet(nn.Module):
+    """Returns a dict whose first entry is not the logits (a Hugging Face-style output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = F.relu(self.conv(x)).mean((2, 3))
+        return {"pooled": h.sum(1, keepdim=True), "logits": self.fc(h)}
+
+
+def test_dict_output_exports_its_logits_as_the_one_output():
+    torch.manual_seed(0)
+    model, x = DictOutNet().eval(), torch.randn(1, 3, 12, 12)
+    space = CompressionSpace.build(model, x)
+    assert [g.name for g in space.groups] == ["conv"]  # pruning keeps every output's shape
+    for plan in (space.uniform_plan(), space.uniform_plan(sparsity=0.25, bits=8)):
+        realized = space.realize(model, plan)
+        path, _, _ = build_artifact(realized, x, layer_bits(realized), [torch.randn_like(x).numpy()],
+                                    Path(tempfile.mkdtemp()))
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert len(sess.get_outputs()) == 1
+        out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            ref = realized(x)["logits"].numpy()
+        assert out.shape == (1, 5)
+        assert np.abs(out - ref).max() < 0.1 * max(float(np.abs(ref).max()), 1e-3)
