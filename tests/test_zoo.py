@@ -290,3 +290,19 @@ def test_dict_output_exports_its_logits_as_the_one_output():
             ref = realized(x)["logits"].numpy()
         assert out.shape == (1, 5)
         assert np.abs(out - ref).max() < 0.1 * max(float(np.abs(ref).max()), 1e-3)
+
+
+@pytest.mark.slow
+def test_pretrained_efficientnet_lite0_realizes_and_exports_with_parity():
+    from edgeslim.search._pretrained import PHOTOS_VAL, bundled_photos, efficientnet_lite0, photo_crops
+
+    model = efficientnet_lite0()  # ImageNet weights from the installed package, no download
+    x = photo_crops(bundled_photos(PHOTOS_VAL[:2]), 4, 64, seed=0)
+    with torch.no_grad():
+        top = model(x).argmax(1)
+    assert model(x[:1]).shape == (1, 1000) and len(set(top.tolist())) > 1  # real weights: varied answers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        space = CompressionSpace.build(model, x[:1])
+    assert "_conv_stem (rank)" in space.excluded  # a strided 3x3 "same" conv pads in forward
+    _check(model, x[:1], {"int8": space.uniform_plan(bits=8), "prune 25%": space.uniform_plan(sparsity=0.25)})
