@@ -41,10 +41,8 @@ def logits_of(output: Any) -> torch.Tensor:
                          "tensor, a tuple whose first element is the logits, or a dict with 'logits'")
 
 
-def _freeze_norms(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()  # running statistics stay as they came; scale and shift still train
+def _norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 REESTIMATE_SAMPLES = 1024  # BatchNorm statistics re-estimated on this many training samples
@@ -65,7 +63,7 @@ def reestimate_norms_(model: nn.Module, data: DataSplits, batch_size: int = 64, 
         >>> reestimate_norms_(m, DataSplits(d, d, 3), batch_size=32)
         100
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = _norms(model)
     if not norms:
         return 0
     momenta = [m.momentum for m in norms]
@@ -110,16 +108,9 @@ def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.norm == "reestimate":
         reestimate_norms_(model, data, cfg.batch_size, seed)
-    if cfg.dropout:
-        model.train()
-        if cfg.norm in ("frozen", "reestimate"):
-            _freeze_norms(model)
-    else:
-        model.eval()
-        if cfg.norm == "train":
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.train()
+    model.train(cfg.dropout)  # dropout and drop-connect as in the user's training, or off
+    for m in _norms(model):
+        m.train(cfg.norm == "train")  # frozen: statistics stay as they came; scale and shift still train
     distill = cfg.distill if teacher is not None else 0.0
     if teacher is not None:
         teacher.eval()
@@ -135,9 +126,9 @@ def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int
             value = loss.detach()
             if distill > 0:
                 with torch.no_grad():
-                    p_t = F.softmax(logits_of(teacher(x)) / t, dim=-1)
-                    p_s = F.softmax(logits.detach() / t, dim=-1)
-                    kl = (p_t * (p_t.clamp_min(1e-30).log() - F.log_softmax(logits.detach() / t, dim=-1))).sum(-1).mean()
+                    soft_t, soft_s = logits_of(teacher(x)) / t, logits.detach() / t
+                    p_t, p_s = F.softmax(soft_t, dim=-1), F.softmax(soft_s, dim=-1)
+                    kl = (p_t * (F.log_softmax(soft_t, dim=-1) - F.log_softmax(soft_s, dim=-1))).sum(-1).mean()
                 # the gradient of T² x KL(teacher || student) in closed form, T (p_s - p_t) / batch,
                 # from one softmax for both sides: exactly zero where the student still computes the
                 # teacher's logits. Autograd through log_softmax leaves ~1e-8 of rounding there, and

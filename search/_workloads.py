@@ -313,7 +313,14 @@ def train_base(model: nn.Module, data: DataSplits, epochs: int, seed: int) -> fl
     return evaluate_accuracy(model, data)[0]
 
 
-_MODELS: dict[str, Callable[[], nn.Module]] = {"digits-cnn": DigitsCNN, "digits-resnet": DigitsResNet}
+def _efficientnet_lite0() -> nn.Module:
+    from edgeslim.search._pretrained import efficientnet_lite0  # its packages load only when asked for
+
+    return efficientnet_lite0()
+
+
+_MODELS: dict[str, Callable[[], nn.Module]] = {"digits-cnn": DigitsCNN, "digits-resnet": DigitsResNet,
+                                               "efficientnet-lite0": _efficientnet_lite0}
 
 
 def builtin_model(name: str) -> tuple[nn.Module, tuple[int, int, int], int]:
@@ -328,10 +335,6 @@ def builtin_model(name: str) -> tuple[nn.Module, tuple[int, int, int], int]:
     if name not in BUILTIN_WORKLOADS:
         raise SpecError(f"unknown built-in model {name!r}; built-ins: {list(BUILTIN_WORKLOADS)}")
     channels, size, epochs = BUILTIN_WORKLOADS[name]
-    if not epochs:
-        from edgeslim.search._pretrained import efficientnet_lite0
-
-        return efficientnet_lite0(), (channels, size, size), 0
     return _MODELS[name](), (channels, size, size), epochs
 
 
@@ -344,16 +347,16 @@ def load_workload(spec: StudySpec, out_dir: str | Path, log: Callable[[str], Non
     out_dir = Path(out_dir)
     torch.manual_seed(spec.seed)
     if spec.model.builtin:
-        if not BUILTIN_WORKLOADS[spec.model.builtin][2]:
+        channels, size, epochs = BUILTIN_WORKLOADS[spec.model.builtin]
+        if not epochs:
             from edgeslim.search._pretrained import TRAIN_CROPS, VAL_CROPS, pretrained_workload
 
-            size = BUILTIN_WORKLOADS[spec.model.builtin][1]
             model, data, split_hash, acc = pretrained_workload(size, TRAIN_CROPS, VAL_CROPS, spec.seed, out_dir, log)
-            example = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(spec.seed))
+            example = torch.randn((1, channels, size, size), generator=torch.Generator().manual_seed(spec.seed))
             desc = (f"built-in {spec.model.builtin}, pretrained on ImageNet, on {TRAIN_CROPS}+{VAL_CROPS} crops of "
                     f"photos bundled with scikit-image/scikit-learn ({size}x{size}, label-free)")
             return Workload(model, data, example, desc, acc, split_hash, model_hash(model))
-        model, (_, size, _), epochs = builtin_model(spec.model.builtin)
+        model = builtin_model(spec.model.builtin)[0]
         data, split_hash = digits_splits(size, spec.data.val_fraction, spec.seed)
         cache = out_dir / "base_model.pt"
         key = {"workload": spec.model.builtin, "seed": spec.seed, "split": split_hash,

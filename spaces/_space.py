@@ -152,15 +152,15 @@ class CompressionSpace:
                 choices = set(by_count.values())
             if choices - {0.0}:
                 knobs.append(SparsityKnob(g.name, tuple(sorted(choices | {0.0}))))
-        custom = [l.name for l in layers if custom_forward(model.get_submodule(l.name))
-                  and not rules.resolve(l.name).freeze and len(_useful_ranks(l, rules.resolve(l.name).rank or (1.0,))) > 1]
+        ranks_of = {l.name: _useful_ranks(l, rules.resolve(l.name).rank or (1.0,)) for l in layers
+                    if not rules.resolve(l.name).freeze}
+        custom = [n for n, r in ranks_of.items() if len(r) > 1 and custom_forward(model.get_submodule(n))]
         plain = _plain_after_all(model, example_input, custom)
         dropped: dict[str, list[str]] = {}
         for layer in layers:
-            rule = rules.resolve(layer.name)
-            if rule.freeze:
+            if layer.name not in ranks_of:  # frozen
                 continue
-            ranks = _useful_ranks(layer, rule.rank or (1.0,))
+            rule, ranks = rules.resolve(layer.name), ranks_of[layer.name]
             if layer.name in custom and layer.name not in plain:
                 cls_name = type(model.get_submodule(layer.name)).__name__
                 excluded[f"{layer.name} (rank)"] = (f"{cls_name} does more than a convolution or matmul in its forward "

@@ -180,7 +180,7 @@ class PointwiseSameNet(nn.Module):
         return self.fc(F.relu6(self.pw(F.relu6(self.c1(x)))).mean((2, 3)))
 
 
-def test_same_padding_1x1_conv_keeps_its_rank_knob_and_factorizes_exactly():
+def test_same_padding_1x1_conv_keeps_its_rank_knob_and_factorizes_into_plain_convs():
     torch.manual_seed(0)
     model, x = PointwiseSameNet().eval(), torch.randn(2, 3, 17, 17)
     with pytest.warns(UserWarning, match=r"1 layer\(s\) of class Conv2dSame \(c1\)"):
