@@ -30,6 +30,9 @@ _EXPORTS = {
     "BUDGETS": "_budgets", "Budget": "_budgets",
     "ExportResult": "_export", "export_variant": "_export", "write_variant": "_export", "list_variants": "_export",
     "open_study_dir": "_export", "refine_study": "_refine", "RefineResult": "_refine",
+    "seed_study": "_sensitivity", "sensitivity_profile": "_sensitivity", "solve_front": "_sensitivity",
+    "fit_surrogate": "_sensitivity", "surrogate_quality": "_sensitivity", "SensitivityProfile": "_sensitivity",
+    "KnobEffect": "_sensitivity", "Surrogate": "_sensitivity", "SeedResult": "_sensitivity",
     # the exception tree lives at the bottom of the import graph (edgeslim.spaces)
     "EdgeslimError": "edgeslim.spaces", "SpecError": "edgeslim.spaces", "SpaceError": "edgeslim.spaces",
     "InfeasiblePlanError": "edgeslim.spaces", "ObjectiveError": "edgeslim.spaces",

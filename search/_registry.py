@@ -17,4 +17,6 @@ SAMPLERS: dict[str, str] = {
     "tpe": "Optuna's TPE, multivariate, 10 random start-up trials (default)",
     "nsga2": "Optuna's NSGA-II, population 20",
     "random": "uniform random sampling",
+    "sensitivity": ("TPE seeded after the presets with a solved front: per-knob sensitivity (no fine-tune), "
+                    "a surrogate fitted on the presets, scipy MILP over a latency x size budget grid"),
 }

@@ -50,6 +50,10 @@ class ReportData:
     label_free: bool = False  # "accuracy" is agreement with the dense model's top-1
     # cost name -> trials on the accuracy-vs-that-cost front, cheapest first
     pair_fronts: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # the sensitivity sampler's profile (rows, cols, z: accuracy drop in pp, seconds, samples) and the
+    # solve's record (weights, proposals, front trials it proposed); None for other samplers
+    sensitivity: dict[str, Any] | None = None
+    surrogate: dict[str, Any] | None = None
 
 
 def pair_front(points: list[dict[str, Any]], cost: str) -> list[int]:
@@ -107,6 +111,7 @@ def build_report_data(study: optuna.Study, names: list[str], front: list[dict[st
         if base_pc and e.get("per_class_accuracy"):
             deltas.append((e["trial"], tuple(round(100 * (a - b), 2) for a, b in zip(e["per_class_accuracy"], base_pc))))
     first = front[0] if front else {}
+    sensitivity, surrogate = _sensitivity_of(study, on_front)
     return ReportData(
         title=title,
         names=tuple(names),
@@ -125,7 +130,29 @@ def build_report_data(study: optuna.Study, names: list[str], front: list[dict[st
         picked=picked,
         label_free=bool(study.user_attrs.get("label_free")),
         pair_fronts={n: tuple(pair_front(points, n)) for n in names if n != "accuracy"} if "accuracy" in names else {},
+        sensitivity=sensitivity,
+        surrogate=surrogate,
     )
+
+
+def _sensitivity_of(study: optuna.Study, on_front: set[int]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The heatmap of the profile the study's solve used, and what the solve proposed."""
+    from edgeslim.search._sensitivity import ATTR, SensitivityProfile
+
+    stored = study.user_attrs.get("surrogate")
+    if not stored:
+        return None, None
+    data = study.user_attrs.get(f"{ATTR}:{stored.get('space_key')}")
+    heat = None
+    if data:
+        profile = SensitivityProfile.from_dict(data)
+        rows, cols, z = profile.heatmap()
+        heat = {"rows": rows, "cols": cols, "z": z, "seconds": round(profile.seconds, 2), "samples": profile.samples,
+                "latency_source": profile.latency_source}
+    proposed = sorted(t.number for t in study.get_trials(deepcopy=False)
+                      if t.user_attrs.get("proposed_by") == "surrogate")
+    return heat, {"weights": dict(stored.get("weights", {})), "spearman_fit": stored.get("spearman"),
+                  "proposed": proposed, "front_proposed": sorted(set(proposed) & on_front)}
 
 
 
@@ -238,7 +265,21 @@ def render_report(data: ReportData, path: Path) -> Path:
         fig.update_layout(title="Per-class accuracy change vs the dense baseline (pp): Pareto variants",
                           height=120 + 28 * len(z))
         figs.append(fig)
+    if data.sensitivity:
+        sens = data.sensitivity
+        fig = go.Figure(go.Heatmap(z=sens["z"], x=sens["cols"], y=sens["rows"], colorscale="Reds",
+                                   text=sens["z"], texttemplate="%{text}", hoverongaps=False,
+                                   colorbar={"title": "drop (pp)"}))
+        fig.update_layout(title=f"Sensitivity: accuracy drop (pp) of each knob value applied alone, no fine-tune, on "
+                                f"{sens['samples']} training samples ({sens['seconds']} s); blank: the forward broke",
+                          height=160 + 22 * len(sens["rows"]), yaxis={"autorange": "reversed"})
+        figs.append(fig)
     parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
+    sur = data.surrogate
+    surrogate_note = "" if not sur else (
+        f"<p>Sensitivity-seeded search: the solve proposed trials {html.escape(str(sur['proposed']))}; "
+        f"{len(sur['front_proposed'])} of them are on the front. Surrogate weights per knob kind "
+        f"{html.escape(str({k: round(v, 4) for k, v in sur['weights'].items()}))}.</p>")
     failed = "".join(f"<li>trial {n}: {html.escape(r)}</li>" for n, r in data.failed)
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(data.title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
@@ -251,6 +292,7 @@ Budgets: {html.escape(str(data.budgets) if data.budgets else "none")}.
 {f"Picked: trial {data.picked}." if data.picked is not None else ""}</p>
 {parts[0] if parts else ""}
 <h2>Pareto front</h2>{_front_table(data)}
+{surrogate_note}
 {"".join(parts[1:])}
 {f"<h2>Failed trials</h2><ul>{failed}</ul>" if failed else ""}
 </body></html>"""

@@ -22,6 +22,8 @@ from edgeslim.spaces import CompressionSpace, SpecError
 
 __all__ = ["SAMPLERS", "SearchResult", "make_sampler", "run_search", "spec_device", "spec_objective"]
 
+SEED_PLANS = 8  # solved plans the sensitivity sampler enqueues after the presets
+
 
 @dataclasses.dataclass
 class SearchResult:
@@ -43,13 +45,15 @@ class SearchResult:
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """Optuna sampler by name: ``tpe`` (Optuna's default), ``nsga2`` or ``random``; seeded.
+    """Optuna sampler by name: ``tpe`` (Optuna's default), ``nsga2``, ``random`` or
+    ``sensitivity`` (TPE; :func:`run_search` seeds the study with a solved front first, see
+    :func:`edgeslim.search.seed_study`); seeded.
 
     Example:
         >>> type(make_sampler("nsga2", 0)).__name__
         'NSGAIISampler'
     """
-    if name == "tpe":
+    if name in ("tpe", "sensitivity"):
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
@@ -117,7 +121,9 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     Builds the spec's :class:`CompressionObjective` and runs ``study.optimize`` on it: each
     call adds ``spec.trials`` trials; the first run also enqueues the dense baseline and the
     uniform presets. A trial that raises is marked failed with the reason in its
-    ``fail_reason`` user attribute; the study goes on.
+    ``fail_reason`` user attribute; the study goes on. With the ``sensitivity`` sampler the
+    presets run first, then :func:`edgeslim.search.seed_study` enqueues a solved front (once per
+    study) and TPE continues.
 
     Example:
         >>> result = run_search(demo_spec().replace(trials=3))  # doctest: +SKIP
@@ -154,13 +160,32 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     # a failed trial is recorded (fail_reason) and reported by the progress line, not re-logged by Optuna
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    left = spec.trials
     try:
         with objective:
-            study.optimize(objective, n_trials=spec.trials, catch=(Exception,), callbacks=[report_progress])
+            if spec.sampler == "sensitivity" and not study.user_attrs.get("surrogate"):
+                waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+                first = min(waiting, left)  # the presets: the surrogate is fitted on them
+                study.optimize(objective, n_trials=first, catch=(Exception,), callbacks=[report_progress])
+                left -= first
+                if left > 0:
+                    from edgeslim.search._sensitivity import seed_study
+
+                    # no more plans than trials left: nothing waits in storage past this run's budget
+                    seed_study(study, objective, n_plans=min(SEED_PLANS, left), log=say, stream=stream)
+            study.optimize(objective, n_trials=left, catch=(Exception,), callbacks=[report_progress])
     finally:
         optuna.logging.set_verbosity(verbosity)
     front = front_entries(study, names)
     write_front(front, out_dir)
+    if spec.sampler == "sensitivity":
+        from edgeslim.search._sensitivity import surrogate_quality
+
+        q = surrogate_quality(study, objective.space, [e["trial"] for e in front])
+        if q is not None:
+            say(f"surrogate: Spearman {q['spearman'] if q['spearman'] is None else round(q['spearman'], 3)} between "
+                f"predicted and measured accuracy drop over {q['trials']} trials; {q['front_proposed']} of the "
+                f"{q['front']} front variants were proposed by the solve")
     from edgeslim.search._report import build_report_data, render_report
 
     report = render_report(build_report_data(study, names, front, spec.budgets.active(), f"edgeslim study {spec.name}"),

@@ -39,10 +39,8 @@ def main() -> None:
     import onnxruntime
 
     from edgeslim.objectives import measure_latency
-    from edgeslim.search import demo_spec, load_spec, run_search
-    from edgeslim.search._export import all_records, export_variant
-    from edgeslim.search._pick import SLO, NoFitError, select
-    from edgeslim.search._refine import refine_study
+    from edgeslim.search import (SLO, NoFitError, all_records, demo_spec, export_variant, load_spec, refine_study,
+                                 run_search, select)
     from edgeslim.objectives.devices import device_facts
     from edgeslim.search._spec import DataSpec, DeviceSpec, FinetuneSpec, ModelSpec, RuleSpec, SpaceSpec
 
