@@ -22,8 +22,12 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
     changes: dict[str, Any] = {}
     if args.workload:
         changes["model"] = dataclasses.replace(spec.model, builtin=args.workload, factory="", torchvision="")
-        if not args.spec and not args.name:
-            changes["name"] = args.workload
+        if not args.spec:
+            if not args.name:
+                changes["name"] = args.workload
+            # the demo's per-layer rules name the digits CNN's layers; another built-in keeps the default rule
+            rules = {k: v for k, v in spec.space.rules.items() if k == "_default"}
+            changes["space"] = dataclasses.replace(spec.space, rules=rules)
     for key in ("trials", "storage", "sampler", "seed", "name"):
         value = getattr(args, key, None)
         if value is not None:

@@ -252,6 +252,15 @@ def _check_values(spec: StudySpec) -> None:
                         "or give factory = 'module:function' or torchvision = '<name>'")
     if m.factory and ":" not in m.factory:
         raise SpecError(f"[model] factory must look like 'module:function', got {m.factory!r}")
+    if m.builtin and m.checkpoint:
+        raise SpecError(f"[model] checkpoint {m.checkpoint!r} next to builtin = {m.builtin!r}: a built-in model "
+                        "trains (or ships) its own weights; drop checkpoint, or load your weights with "
+                        "torchvision = '<name>' or factory = 'module:function'")
+    if m.builtin and (spec.data.image_folder or spec.data.factory):
+        source = f"image_folder = {spec.data.image_folder!r}" if spec.data.image_folder else \
+            f"factory = {spec.data.factory!r}"
+        raise SpecError(f"[data] {source} next to [model] builtin = {m.builtin!r}: a built-in model comes with "
+                        "its own data; drop the [data] source, or bring your model with torchvision or factory")
     if spec.data.image_folder and len(m.input_shape) < 2:
         raise SpecError("[model] input_shape (without batch, e.g. [3, 32, 32]) is required with "
                         "[data] image_folder: images are resized to it")

@@ -58,6 +58,11 @@ def test_demo_spec_file_equals_embedded_demo():
     ({"space": {"rules": {"_default": {"bits": [16]}}}}, "bits must be a non-empty subset"),
     ({"space": {"rules": {"_default": {"sparsity": "half"}}}}, "must be a list of float"),
     ({"study": {"objectives": ["energy_mj"]}}, "needs 'latency_ms'"),
+    # a weights file or a data source next to a built-in model is refused, never ignored
+    ({"model": {"builtin": "digits-cnn", "checkpoint": "r18.pt"}}, "checkpoint 'r18.pt' next to builtin"),
+    ({"model": {"builtin": "digits-cnn"}, "data": {"factory": "baddata:data"}},
+     "factory = 'baddata:data' next to \\[model\\] builtin"),
+    ({"model": {"builtin": "digits-resnet"}, "data": {"image_folder": "imgs"}}, "image_folder = 'imgs' next to"),
 ])
 def test_bad_specs_name_the_bad_value(data, match):
     with pytest.raises(SpecError, match=match):
@@ -113,6 +118,18 @@ def test_impossible_space_from_cli(tmp_path, capsys):
                     '[space.rules._default]\nfreeze = true\n')
     assert main(["search", str(spec), "--out", str(tmp_path / "o")]) == 2
     assert "nothing to search" in capsys.readouterr().err
+
+
+def test_workload_flag_on_the_demo_keeps_only_the_default_rule():
+    import argparse
+
+    from edgeslim.search._cli_study import _spec_from_args
+
+    args = argparse.Namespace(spec=None, workload="digits-resnet", name=None, trials=None, storage=None,
+                              sampler=None, seed=None, out=None, device=None, threads=None, score=None)
+    spec = _spec_from_args(args)
+    assert spec.model.builtin == "digits-resnet" and spec.name == "digits-resnet"
+    assert list(spec.space.rules) == ["_default"]  # features.0 / classifier.3 are the demo CNN's layers
 
 
 def test_bad_trials_flag(capsys):
