@@ -39,15 +39,16 @@ from edgeslim.search._objective import CompressionObjective, is_dense
 from edgeslim.search._progress import Progress
 from edgeslim.spaces import CompressionSpace, Plan, SpecError
 
-__all__ = ["KIND_OF_SUFFIX", "KnobEffect", "SeedResult", "SensitivityProfile", "Surrogate", "fit_surrogate",
+__all__ = ["KIND_OF_SUFFIX", "KnobEffect", "ReseedCallback", "SeedResult", "SensitivityProfile", "Surrogate", "fit_surrogate",
            "seed_study", "sensitivity_profile", "solve_front", "space_key", "surrogate_quality"]
 
 KIND_OF_SUFFIX = {"sparsity": "sparsity", "rank": "rank", "bits": "bits"}
 DENSE_VALUE = {"sparsity": 0.0, "rank": 1.0, "bits": 32}
 ATTR = "sensitivity"  # study user attribute prefix; the space key follows it
 # fractions of the largest predicted saving each budget of the grid allows
-SIZE_GRID = (0.15, 0.3, 0.5, 0.7, 0.9)
-LATENCY_GRID = (0.2, 0.45, 0.7, 0.95)
+# (dense enough that later rounds, refitted on more trials, still find plans no trial has tried)
+SIZE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97)
+LATENCY_GRID = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -607,3 +608,38 @@ def surrogate_quality(study: optuna.Study, space: CompressionSpace,
             "proposed": len(proposed), "front": len(front_trials),
             "front_proposed": len(set(front_trials) & proposed), "weights": surrogate.weights,
             "sensitivity_seconds": profile.seconds}
+
+
+class ReseedCallback:
+    """An Optuna callback that solves the front again as trials arrive: once no enqueued trial
+    is waiting and ``every`` trials have completed since the last solve, the surrogate is
+    refitted on all completed trials (pruning and quantization interact; the presets alone do
+    not show it) and up to ``n_plans`` new solved plans are enqueued. ``stop_at`` (a total
+    trial count) keeps it from enqueuing past the run's budget.
+
+    Example:
+        >>> cb = ReseedCallback(None, every=6, n_plans=4, stop_at=50)  # doctest: +SKIP
+        >>> study.optimize(objective, n_trials=36, callbacks=[cb])  # doctest: +SKIP
+    """
+
+    def __init__(self, objective: CompressionObjective, every: int = 6, n_plans: int = 4,
+                 stop_at: int | None = None, log: Callable[[str], None] | None = None) -> None:
+        self.objective = objective
+        self.every = every
+        self.n_plans = n_plans
+        self.stop_at = stop_at
+        self.log = log
+        self.rounds = 0
+        self._since = 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._since += 1
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials) or self._since < self.every:
+            return
+        room = self.n_plans if self.stop_at is None else min(self.n_plans, self.stop_at - len(trials))
+        if room < 1:
+            return
+        self._since = 0
+        self.rounds += 1
+        seed_study(study, self.objective, n_plans=room, log=self.log)

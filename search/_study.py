@@ -23,6 +23,7 @@ from edgeslim.spaces import CompressionSpace, SpecError
 __all__ = ["SAMPLERS", "SearchResult", "make_sampler", "run_search", "spec_device", "spec_objective"]
 
 SEED_PLANS = 8  # solved plans the sensitivity sampler enqueues after the presets
+RESEED_EVERY, RESEED_PLANS = 6, 4  # then: after 6 more trials, 4 more solved plans (refitted), and so on
 
 
 @dataclasses.dataclass
@@ -173,7 +174,15 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
 
                     # no more plans than trials left: nothing waits in storage past this run's budget
                     seed_study(study, objective, n_plans=min(SEED_PLANS, left), log=say, stream=stream)
-            study.optimize(objective, n_trials=left, catch=(Exception,), callbacks=[report_progress])
+            callbacks: list[Any] = [report_progress]
+            done_before = len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
+            if spec.sampler == "sensitivity":
+                from edgeslim.search._sensitivity import ReseedCallback
+
+                # solve again, refitted on every completed trial, each time the queue runs dry
+                callbacks.append(ReseedCallback(objective, every=RESEED_EVERY, n_plans=RESEED_PLANS,
+                                                stop_at=done_before + left, log=say))
+            study.optimize(objective, n_trials=left, catch=(Exception,), callbacks=callbacks)
     finally:
         optuna.logging.set_verbosity(verbosity)
     front = front_entries(study, names)

@@ -75,7 +75,8 @@ def main() -> None:
     import torch
 
     from edgeslim.objectives import Candidate
-    from edgeslim.search import demo_spec, load_spec, load_workload, make_sampler, seed_study, surrogate_quality
+    from edgeslim.search import (ReseedCallback, demo_spec, load_spec, load_workload, make_sampler, seed_study,
+                                 surrogate_quality)
     from edgeslim.search._spec import DeviceSpec
     from edgeslim.search._study import spec_device, spec_objective
 
@@ -129,12 +130,18 @@ def main() -> None:
                     study.optimize(objective, n_trials=min(presets, n), catch=(Exception,))
                     for key, value in stored_profile.items():  # the profile does not depend on the seed
                         study.set_user_attr(key, value)
-                    seeded = seed_study(study, objective, n_plans=min(8, n - presets))
+                    seeded = seed_study(study, objective, n_plans=min(8, n - presets))  # SEED_PLANS
                     if not stored_profile:
                         sens_seconds = seeded.profile.seconds
                         stored_profile = {k: v for k, v in study.user_attrs.items() if k.startswith("sensitivity:")}
                     n -= presets
-                study.optimize(objective, n_trials=n, catch=(Exception,))
+                callbacks = []
+                if sampler == "sensitivity":  # as run_search does: solve again as trials arrive
+                    from edgeslim.search._study import RESEED_EVERY, RESEED_PLANS
+
+                    callbacks.append(ReseedCallback(objective, every=RESEED_EVERY, n_plans=RESEED_PLANS,
+                                                    stop_at=budgets[sampler]))
+                study.optimize(objective, n_trials=n, catch=(Exception,), callbacks=callbacks)
                 runs.setdefault(sampler, []).append(_normalized_history(study, names))
                 if sampler == "sensitivity":
                     front = [t.number for t in study.best_trials]

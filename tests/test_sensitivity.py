@@ -149,3 +149,20 @@ def test_cli_search_with_the_sensitivity_sampler(tmp_path):
     again = run_search(spec.replace(trials=2), stream=io.StringIO())
     assert len(again.study.trials) == 12
     assert not any(t.user_attrs.get("proposed_by") for t in again.study.trials[10:])
+
+
+def test_reseed_callback_solves_again_within_the_budget(objective):
+    from edgeslim.search import ReseedCallback
+
+    study = optuna.create_study(directions=objective.directions)
+    objective.enqueue_baselines(study)
+    study.optimize(objective, n_trials=6)
+    seed_study(study, objective, n_plans=2, samples=32)
+    cb = ReseedCallback(objective, every=2, n_plans=2, stop_at=14)
+    study.optimize(objective, n_trials=8, callbacks=[cb])
+    assert cb.rounds >= 1
+    assert len(study.trials) == 14  # nothing left waiting past the budget
+    assert not study.get_trials(states=(TrialState.WAITING,))
+    proposed = [t for t in study.trials if t.user_attrs.get("proposed_by") == "surrogate"]
+    assert len(proposed) == 2 + 2 * cb.rounds
+    assert study.user_attrs["surrogate"]["fitted_on"] > 5  # refitted on more than the presets
