@@ -93,7 +93,9 @@ def build_report_data(study: optuna.Study, names: list[str], front: list[dict[st
             if p["preset"] == "dense":
                 base = t.number
         elif t.state == TrialState.FAIL:
-            failed.append((t.number, str(t.user_attrs.get("fail_reason", "unknown"))))
+            # no reason recorded: its worker died mid-trial and the heartbeat check failed it
+            failed.append((t.number, str(t.user_attrs.get("fail_reason", "its worker stopped (killed or lost: no "
+                                                                        "heartbeat); the plan was retried once"))))
     plans = [e.get("plan") or {} for e in front]
     groups = sorted({g for p in plans for g in p.get("groups", {})})
     layers = sorted({l for p in plans for l in p.get("layers", {})})

@@ -192,6 +192,9 @@ class StudySpec:
     sampler: str = "tpe"
     storage: str = ""
     out_dir: str = ""
+    # seconds between a running trial's heartbeats on RDB storage (SQLite, PostgreSQL): a trial silent
+    # for twice this long is stale (its worker was killed); it is marked failed and its plan retried once
+    heartbeat_s: int = 60
     objectives: list[str] = dataclasses.field(
         default_factory=lambda: ["accuracy", "size_bytes", "latency_ms", "energy_mj"])
     model: ModelSpec = dataclasses.field(default_factory=lambda: ModelSpec(builtin="digits-cnn"))
@@ -229,6 +232,8 @@ def _check_values(spec: StudySpec) -> None:
 
     if spec.trials < 1:
         raise SpecError(f"trials must be >= 1, got {spec.trials!r}")
+    if spec.heartbeat_s < 1:
+        raise SpecError(f"[study] heartbeat_s must be >= 1, got {spec.heartbeat_s!r}; 60 suits trials of any length")
     if spec.finetune.score not in ("torch", "artifact"):
         raise SpecError(f"[finetune] score must be 'torch' or 'artifact', got {spec.finetune.score!r}")
     if spec.sampler not in SAMPLERS:

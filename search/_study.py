@@ -20,7 +20,8 @@ from edgeslim.search._spec import StudySpec, spec_fingerprint
 from edgeslim.search._workloads import Workload, load_workload
 from edgeslim.spaces import CompressionSpace, SpecError
 
-__all__ = ["SAMPLERS", "SearchResult", "make_sampler", "run_search", "spec_device", "spec_objective"]
+__all__ = ["SAMPLERS", "SearchResult", "make_sampler", "run_search", "spec_device", "spec_objective",
+           "study_storage"]
 
 SEED_PLANS = 8  # solved plans the sensitivity sampler enqueues after the presets
 RESEED_EVERY, RESEED_PLANS = 6, 4  # then: after 6 more trials, 4 more solved plans (refitted), and so on
@@ -94,11 +95,35 @@ def study_space(spec: StudySpec, workload: Workload, profile: DeviceProfile,
     return spec_objective(spec, workload, profile, study).space
 
 
-def _open_study(spec: StudySpec, objective: CompressionObjective) -> optuna.Study:
+def study_storage(spec: StudySpec) -> str | optuna.storages.BaseStorage:
+    """The spec's storage; RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats: a trial whose
+    worker stops beating for ``2 x heartbeat_s`` (kill -9, a lost machine) is marked failed by
+    the next trial any worker starts, and its plan is enqueued again once
+    (``RetryHeartbeatStaleTrialCallback``; the copy's system attribute ``failed_trial`` names it).
+
+    Example:
+        >>> from edgeslim.search import demo_spec
+        >>> type(study_storage(demo_spec().replace(storage="sqlite:///:memory:"))).__name__
+        'RDBStorage'
+    """
+    url = spec.storage_url
+    if not url.startswith(("sqlite:", "postgresql", "mysql")):
+        return url
+    import warnings
+
+    with warnings.catch_warnings():  # heartbeats are experimental in Optuna; what we use of them is stable
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=spec.heartbeat_s, grace_period=2 * spec.heartbeat_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+
+
+def _open_study(spec: StudySpec, objective: CompressionObjective,
+                storage: str | optuna.storages.BaseStorage) -> optuna.Study:
     fingerprint = spec_fingerprint(spec)
     sampler = make_sampler(spec.sampler, spec.seed)
     try:
-        study = optuna.load_study(study_name=spec.name, storage=spec.storage_url, sampler=sampler)
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
     except KeyError:
         study = None
     if study is not None:
@@ -108,7 +133,7 @@ def _open_study(spec: StudySpec, objective: CompressionObjective) -> optuna.Stud
                             "(model, data, space, objectives or fine-tune differ); resume it with the "
                             "same spec, or give a new study name / --out")
         return study
-    study = optuna.create_study(study_name=spec.name, storage=spec.storage_url, directions=objective.directions,
+    study = optuna.create_study(study_name=spec.name, storage=storage, directions=objective.directions,
                                 sampler=sampler)
     study.set_user_attr("fingerprint", fingerprint)
     study.set_user_attr("spec", spec.to_dict())
@@ -136,12 +161,13 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     out_dir.mkdir(parents=True, exist_ok=True)
     profile = spec_device(spec, devices_dir)
     workload = load_workload(spec, out_dir, say)
+    storage = study_storage(spec)
     try:
-        study = optuna.load_study(study_name=spec.name, storage=spec.storage_url)
+        study = optuna.load_study(study_name=spec.name, storage=storage)
     except KeyError:
         study = None
     objective = spec_objective(spec, workload, profile, study)
-    study = _open_study(spec, objective)
+    study = _open_study(spec, objective, storage)
     objective.enqueue_baselines(study)
     names = objective.metric_names
     say(f"study {spec.name!r}: {objective.describe()}; storage {spec.storage_url}\n{profile.describe()}"
