@@ -32,7 +32,8 @@ _EXPORTS = {
     "open_study_dir": "_export", "refine_study": "_refine", "RefineResult": "_refine",
     "seed_study": "_sensitivity", "sensitivity_profile": "_sensitivity", "solve_front": "_sensitivity",
     "fit_surrogate": "_sensitivity", "surrogate_quality": "_sensitivity", "SensitivityProfile": "_sensitivity",
-    "KnobEffect": "_sensitivity", "ReseedCallback": "_sensitivity", "Surrogate": "_sensitivity", "SeedResult": "_sensitivity",
+    "KnobEffect": "_sensitivity", "ReseedCallback": "_sensitivity",
+    "optimize_seeded": "_sensitivity", "load_profile": "_sensitivity", "Surrogate": "_sensitivity", "SeedResult": "_sensitivity",
     # the exception tree lives at the bottom of the import graph (edgeslim.spaces)
     "EdgeslimError": "edgeslim.spaces", "SpecError": "edgeslim.spaces", "SpaceError": "edgeslim.spaces",
     "InfeasiblePlanError": "edgeslim.spaces", "ObjectiveError": "edgeslim.spaces",

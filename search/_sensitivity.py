@@ -39,12 +39,14 @@ from edgeslim.search._objective import CompressionObjective, is_dense
 from edgeslim.search._progress import Progress
 from edgeslim.spaces import CompressionSpace, Plan, SpecError
 
-__all__ = ["KIND_OF_SUFFIX", "KnobEffect", "ReseedCallback", "SeedResult", "SensitivityProfile", "Surrogate", "fit_surrogate",
-           "seed_study", "sensitivity_profile", "solve_front", "space_key", "surrogate_quality"]
+__all__ = ["KIND_OF_SUFFIX", "KnobEffect", "RESEED_EVERY", "RESEED_PLANS", "ReseedCallback", "SEED_PLANS", "SeedResult", "SensitivityProfile", "Surrogate", "fit_surrogate",
+           "load_profile", "optimize_seeded", "seed_study", "sensitivity_profile", "solve_front", "space_key", "surrogate_quality"]
 
 KIND_OF_SUFFIX = {"sparsity": "sparsity", "rank": "rank", "bits": "bits"}
 DENSE_VALUE = {"sparsity": 0.0, "rank": 1.0, "bits": 32}
 ATTR = "sensitivity"  # study user attribute prefix; the space key follows it
+SEED_PLANS = 8  # solved plans enqueued after the presets
+RESEED_EVERY, RESEED_PLANS = 6, 4  # then: after 6 more trials, 4 more solved plans (refitted), and so on
 # fractions of the largest predicted saving each budget of the grid allows
 # (dense enough that later rounds, refitted on more trials, still find plans no trial has tried)
 SIZE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97)
@@ -176,10 +178,12 @@ def _loss_accuracy(model: torch.nn.Module, xs: torch.Tensor, ys: torch.Tensor, b
 
 
 def _local_latency_deltas(objective: CompressionObjective, space: CompressionSpace,
-                          say: Callable[[str], None]) -> dict[tuple[str, float], float]:
+                          say: Callable[[str], None]) -> tuple[dict[tuple[str, float], float], float]:
     """(kind, value) -> latency change (ms) of the uniform plan at that value, measured paired
-    with the dense artifact (``local``: no latency model to ask per knob)."""
+    with the dense artifact (``local``: no latency model to ask per knob), and the dense
+    artifact's median latency over those pairs (NaN if none was timed)."""
     out: dict[tuple[str, float], float] = {}
+    refs: list[float] = []
     values = sorted({(k.suffix, float(c)) for k in space.knobs if len(k.choices) > 1 for c in k.choices
                      if float(c) != DENSE_VALUE[k.suffix]})
     for kind, value in values:
@@ -192,11 +196,13 @@ def _local_latency_deltas(objective: CompressionObjective, space: CompressionSpa
             continue
         ref = metrics.get("latency_reference_ms")
         speedup = metrics.get("latency_speedup_paired")
+        if ref is not None:
+            refs.append(ref)
         if ref is not None and speedup:
             out[(kind, value)] = ref / speedup - ref  # the pair's ratio: robust to drift between runs
         else:
             out[(kind, value)] = metrics["latency_ms"] - (ref if ref is not None else metrics["latency_ms"])
-    return out
+    return out, float(np.median(refs)) if refs else math.nan
 
 
 def sensitivity_profile(objective: CompressionObjective, samples: int = 256,
@@ -230,14 +236,8 @@ def sensitivity_profile(objective: CompressionObjective, samples: int = 256,
     dense_latency = float(lm.predict_module(dense, objective.workload.example_input)[0]) if lm is not None else math.nan
     local: dict[tuple[str, float], float] = {}
     measuring = "latency_ms" in objective.metric_names and not predicted
-    if measuring:
-        local = _local_latency_deltas(objective, space, say)
-        ref = objective.context.reference_artifact
-        if ref is not None:
-            from edgeslim.objectives import measure_latency
-
-            dense_latency = measure_latency(ref, tuple(objective.workload.example_input.shape),
-                                            threads=device.threads, seed=objective.seed).p50_ms
+    if measuring:  # the dense artifact was timed in every pair: no separate measurement of it
+        local, dense_latency = _local_latency_deltas(objective, space, say)
     knobs = [k for k in space.knobs if len(k.choices) > 1]
     todo = [(k, c) for k in knobs for c in k.choices if float(c) != DENSE_VALUE[k.suffix]]
     # each knob's share of its kind's measured uniform change: its layers' MACs over all layers the
@@ -330,6 +330,12 @@ class Surrogate:
         """JSON-ready."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Surrogate:
+        """Inverse of :meth:`to_dict` (extra keys, as the study's record has, are ignored)."""
+        return cls(dict(data["weights"]), int(data["fitted_on"]), data.get("spearman"),
+                   float(data.get("default", 1.0)))
+
 
 def _effects_by_param(profile: SensitivityProfile) -> dict[tuple[str, float], KnobEffect]:
     return {(e.param, float(e.value)): e for e in profile.effects}
@@ -354,20 +360,37 @@ def plan_features(profile: SensitivityProfile, params: Mapping[str, Any]) -> dic
     return out
 
 
-def _measured(study: optuna.Study) -> tuple[float | None, list[tuple[dict[str, Any], float, int]]]:
-    """The dense baseline's accuracy and (params, measured drop in pp, trial) of every other
-    completed trial that has an accuracy."""
+def _scored_rows(profile: SensitivityProfile, study: optuna.Study) -> list[tuple[dict[str, float], float]]:
+    """(plan features, measured drop vs dense in pp) of every completed non-dense trial whose
+    plan uses no broken knob value; empty without a completed dense baseline or accuracy."""
     names = list(study.metric_names or [])
     if "accuracy" not in names:
-        return None, []
+        return []
     i = names.index("accuracy")
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
     dense = [t for t in done if t.user_attrs.get("preset") == "dense"]
     if not dense:
-        return None, []
+        return []
     base = dense[0].values[i]
-    rows = [(t.params, 100.0 * (base - t.values[i]), t.number) for t in done if t.user_attrs.get("preset") != "dense"]
-    return base, rows
+    rows = []
+    for t in done:
+        if t.user_attrs.get("preset") == "dense":
+            continue
+        f = plan_features(profile, t.params)
+        if all(math.isfinite(v) for v in f.values()):
+            rows.append((f, 100.0 * (base - t.values[i])))
+    return rows
+
+
+def _spearman(x: Sequence[float], y: Sequence[float], least: int = 3) -> float | None:
+    """Spearman's rank correlation, or None where it is undefined or too thin (fewer than
+    ``least`` points, a constant side)."""
+    from scipy.stats import spearmanr
+
+    if len(x) < least or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    rho = spearmanr(x, y).statistic
+    return float(rho) if math.isfinite(rho) else None
 
 
 def fit_surrogate(profile: SensitivityProfile, study: optuna.Study) -> Surrogate:
@@ -383,16 +406,10 @@ def fit_surrogate(profile: SensitivityProfile, study: optuna.Study) -> Surrogate
         ({}, 0, 1.0)
     """
     from scipy.optimize import nnls
-    from scipy.stats import spearmanr
 
-    _, rows = _measured(study)
-    feats: list[dict[str, float]] = []
-    drops = []
-    for params, drop, _ in rows:
-        f = plan_features(profile, params)
-        if all(math.isfinite(v) for v in f.values()):
-            feats.append(f)
-            drops.append(max(drop, 0.0))
+    rows = _scored_rows(profile, study)
+    feats = [f for f, _ in rows]
+    drops = [max(drop, 0.0) for _, drop in rows]
     names = sorted({k for f in feats for k, v in f.items() if v > 0})
     if len(feats) < 2 or not names:
         return Surrogate({}, len(feats), None)
@@ -400,9 +417,7 @@ def fit_surrogate(profile: SensitivityProfile, study: optuna.Study) -> Surrogate
     b = np.array(drops)
     w, _ = nnls(a, b)
     weights = {n: float(v) for n, v in zip(names, w)}
-    pred = a @ w
-    rho = spearmanr(pred, b).statistic if len(set(b)) > 1 and len(set(pred)) > 1 else None
-    return Surrogate(weights, len(feats), None if rho is None or not math.isfinite(rho) else float(rho),
+    return Surrogate(weights, len(feats), _spearman(list(a @ w), drops, least=2),
                      default=max(weights.values()) if any(weights.values()) else 1.0)
 
 
@@ -587,24 +602,15 @@ def surrogate_quality(study: optuna.Study, space: CompressionSpace,
     """How good the surrogate was over every completed trial: Spearman rank correlation of
     predicted and measured drop, the trials it was scored on, and how many of ``front_trials``
     the solve proposed. None when the study holds no profile for this space."""
-    from scipy.stats import spearmanr
-
     profile = load_profile(study, space)
     stored = study.user_attrs.get("surrogate")
     if profile is None or not stored:
         return None
-    surrogate = Surrogate(dict(stored["weights"]), int(stored["fitted_on"]), stored.get("spearman"),
-                          float(stored.get("default", 1.0)))
-    _, rows = _measured(study)
-    pred, meas = [], []
-    for params, drop, _ in rows:
-        f = plan_features(profile, params)
-        if all(math.isfinite(v) for v in f.values()):
-            pred.append(surrogate.predict_features(f))
-            meas.append(drop)
-    rho = spearmanr(pred, meas).statistic if len(pred) > 2 and len(set(pred)) > 1 and len(set(meas)) > 1 else None
+    surrogate = Surrogate.from_dict(stored)
+    rows = _scored_rows(profile, study)
+    pred = [surrogate.predict_features(f) for f, _ in rows]
     proposed = {t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("proposed_by") == "surrogate"}
-    return {"spearman": None if rho is None or not math.isfinite(rho) else float(rho), "trials": len(pred),
+    return {"spearman": _spearman(pred, [drop for _, drop in rows]), "trials": len(pred),
             "proposed": len(proposed), "front": len(front_trials),
             "front_proposed": len(set(front_trials) & proposed), "weights": surrogate.weights,
             "sensitivity_seconds": profile.seconds}
@@ -643,3 +649,28 @@ class ReseedCallback:
         self._since = 0
         self.rounds += 1
         seed_study(study, self.objective, n_plans=room, log=self.log)
+
+
+def optimize_seeded(study: optuna.Study, objective: CompressionObjective, n_trials: int, *,
+                    callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
+                    log: Callable[[str], None] | None = None, stream: Any = None) -> None:
+    """``study.optimize`` for ``n_trials`` trials, sensitivity-seeded: on a study not seeded
+    yet the waiting presets run first, then :func:`seed_study` enqueues up to ``SEED_PLANS``
+    solved plans; a :class:`ReseedCallback` solves again as trials arrive. Never enqueues past
+    this call's budget. A trial that raises is recorded and the study goes on
+    (``catch=(Exception,)``), as in the CLI.
+
+    Example:
+        >>> optimize_seeded(study, objective, 30)  # doctest: +SKIP
+    """
+    left = n_trials
+    if not study.user_attrs.get("surrogate"):
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        first = min(waiting, left)  # the presets: the surrogate is fitted on them
+        study.optimize(objective, n_trials=first, catch=(Exception,), callbacks=list(callbacks))
+        left -= first
+        if left > 0:
+            seed_study(study, objective, n_plans=min(SEED_PLANS, left), log=log, stream=stream)
+    done_before = len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
+    reseed = ReseedCallback(objective, every=RESEED_EVERY, n_plans=RESEED_PLANS, stop_at=done_before + left, log=log)
+    study.optimize(objective, n_trials=left, catch=(Exception,), callbacks=[*callbacks, reseed])

@@ -23,9 +23,6 @@ from edgeslim.spaces import CompressionSpace, SpecError
 __all__ = ["SAMPLERS", "SearchResult", "make_sampler", "run_search", "spec_device", "spec_objective",
            "study_storage"]
 
-SEED_PLANS = 8  # solved plans the sensitivity sampler enqueues after the presets
-RESEED_EVERY, RESEED_PLANS = 6, 4  # then: after 6 more trials, 4 more solved plans (refitted), and so on
-
 
 @dataclasses.dataclass
 class SearchResult:
@@ -187,28 +184,14 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     # a failed trial is recorded (fail_reason) and reported by the progress line, not re-logged by Optuna
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    left = spec.trials
     try:
         with objective:
-            if spec.sampler == "sensitivity" and not study.user_attrs.get("surrogate"):
-                waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-                first = min(waiting, left)  # the presets: the surrogate is fitted on them
-                study.optimize(objective, n_trials=first, catch=(Exception,), callbacks=[report_progress])
-                left -= first
-                if left > 0:
-                    from edgeslim.search._sensitivity import seed_study
-
-                    # no more plans than trials left: nothing waits in storage past this run's budget
-                    seed_study(study, objective, n_plans=min(SEED_PLANS, left), log=say, stream=stream)
-            callbacks: list[Any] = [report_progress]
-            done_before = len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
             if spec.sampler == "sensitivity":
-                from edgeslim.search._sensitivity import ReseedCallback
+                from edgeslim.search._sensitivity import optimize_seeded
 
-                # solve again, refitted on every completed trial, each time the queue runs dry
-                callbacks.append(ReseedCallback(objective, every=RESEED_EVERY, n_plans=RESEED_PLANS,
-                                                stop_at=done_before + left, log=say))
-            study.optimize(objective, n_trials=left, catch=(Exception,), callbacks=callbacks)
+                optimize_seeded(study, objective, spec.trials, callbacks=[report_progress], log=say, stream=stream)
+            else:
+                study.optimize(objective, n_trials=spec.trials, catch=(Exception,), callbacks=[report_progress])
     finally:
         optuna.logging.set_verbosity(verbosity)
     front = front_entries(study, names)

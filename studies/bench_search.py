@@ -75,7 +75,7 @@ def main() -> None:
     import torch
 
     from edgeslim.objectives import Candidate
-    from edgeslim.search import (ReseedCallback, demo_spec, load_spec, load_workload, make_sampler, seed_study,
+    from edgeslim.search import (demo_spec, load_profile, load_spec, load_workload, make_sampler, optimize_seeded,
                                  surrogate_quality)
     from edgeslim.search._spec import DeviceSpec
     from edgeslim.search._study import spec_device, spec_objective
@@ -124,24 +124,15 @@ def main() -> None:
                 study = optuna.create_study(directions=objective.directions,
                                             sampler=make_sampler(sampler, seed))
                 objective.enqueue_baselines(study)
-                n = budgets[sampler]
-                if sampler == "sensitivity":
-                    presets = len(study.get_trials(states=(optuna.trial.TrialState.WAITING,)))
-                    study.optimize(objective, n_trials=min(presets, n), catch=(Exception,))
+                if sampler == "sensitivity":  # run as run_search runs it
                     for key, value in stored_profile.items():  # the profile does not depend on the seed
                         study.set_user_attr(key, value)
-                    seeded = seed_study(study, objective, n_plans=min(8, n - presets))  # SEED_PLANS
+                    optimize_seeded(study, objective, budgets[sampler])
                     if not stored_profile:
-                        sens_seconds = seeded.profile.seconds
                         stored_profile = {k: v for k, v in study.user_attrs.items() if k.startswith("sensitivity:")}
-                    n -= presets
-                callbacks = []
-                if sampler == "sensitivity":  # as run_search does: solve again as trials arrive
-                    from edgeslim.search._study import RESEED_EVERY, RESEED_PLANS
-
-                    callbacks.append(ReseedCallback(objective, every=RESEED_EVERY, n_plans=RESEED_PLANS,
-                                                    stop_at=budgets[sampler]))
-                study.optimize(objective, n_trials=n, catch=(Exception,), callbacks=callbacks)
+                        sens_seconds = load_profile(study, objective.space).seconds
+                else:
+                    study.optimize(objective, n_trials=budgets[sampler], catch=(Exception,))
                 runs.setdefault(sampler, []).append(_normalized_history(study, names))
                 if sampler == "sensitivity":
                     front = [t.number for t in study.best_trials]

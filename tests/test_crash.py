@@ -3,6 +3,7 @@ is failed as stale by the next run (heartbeats on RDB storage) and its plan retr
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -48,7 +49,10 @@ def test_kill_9_mid_trial_keeps_completed_trials_and_retries_the_killed_plan(tmp
         running = None
         while time.monotonic() < deadline and worker.poll() is None:
             trials = _trials(url)
-            running = next((t for t in trials if t.state == TrialState.RUNNING and t.number >= 1), None)
+            # killed after its first heartbeat: a trial killed before any heartbeat was written is
+            # never seen as stale by Optuna (no record to age), so wait 1.5 heartbeats into the trial
+            running = next((t for t in trials if t.state == TrialState.RUNNING and t.number >= 1
+                            and (datetime.datetime.now() - t.datetime_start).total_seconds() > 1.5), None)
             if running is not None:
                 break
             time.sleep(0.1)
