@@ -10,7 +10,7 @@ Example:
 """
 
 from edgeslim.objectives._accuracy import (AccuracyObjective, evaluate_accuracy, evaluate_onnx_accuracy, finetune_,
-                                           logits_of, predictions)
+                                           finetune_device, logits_of, predictions)
 from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
 from edgeslim.objectives._data import batches, is_label_free, sample_inputs, teacher_labelled
 from edgeslim.objectives._energy import EnergyBreakdown, EnergyObjective, estimate_energy
@@ -29,6 +29,6 @@ __all__ = sorted([
     "load_device", "probe_nchwc_block", "AccuracyObjective", "Candidate", "DataSplits", "DeviceProfile", "EnergyBreakdown",
     "EnergyConstants", "EnergyObjective", "EvalContext", "FinetuneConfig", "LatencyObjective",
     "LatencyStats", "OBJECTIVES", "evaluate_onnx_accuracy", "RUNTIME_KERNELS", "Objective", "SizeObjective", "batches", "build_artifact",
-    "estimate_energy", "is_label_free", "teacher_labelled", "evaluate_accuracy", "export_onnx", "finetune_", "measure_latency",
+    "estimate_energy", "is_label_free", "teacher_labelled", "evaluate_accuracy", "export_onnx", "finetune_", "finetune_device", "measure_latency",
     "logits_of", "model_size_bytes", "predictions", "quantize_onnx", "sample_inputs",
 ])

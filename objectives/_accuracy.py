@@ -13,9 +13,11 @@ from torch import nn
 
 from edgeslim.objectives._base import Candidate, DataSplits, EvalContext, FinetuneConfig, Objective
 from edgeslim.objectives._data import batches
+from edgeslim.objectives._machine import compute_slot
 from edgeslim.spaces import ObjectiveError
 
-__all__ = ["AccuracyObjective", "evaluate_accuracy", "evaluate_onnx_accuracy", "finetune_", "logits_of", "predictions"]
+__all__ = ["AccuracyObjective", "evaluate_accuracy", "evaluate_onnx_accuracy", "finetune_", "finetune_device", "logits_of",
+           "predictions"]
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -77,8 +79,9 @@ def reestimate_norms_(model: nn.Module, data: DataSplits, batch_size: int = 64, 
         m.train()
     seen = 0
     gen = torch.Generator().manual_seed(seed)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for x, _ in batches(data.train, batch_size, shuffle=True, generator=gen):
-        model(x)
+        model(x.to(device))
         seen += len(x)
         if seen >= samples:
             break
@@ -95,7 +98,10 @@ def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int
     AdamW with cosine decay to zero; batch order and dropout depend only on ``seed``. With
     ``cfg.norm == "frozen"`` BatchNorm keeps its statistics; with ``cfg.dropout`` False dropout
     and drop-connect stay off; with ``cfg.distill`` > 0 and a
-    ``teacher`` the loss mixes in distillation from the teacher's softened logits.
+    ``teacher`` the loss mixes in distillation from the teacher's softened logits. With
+    ``cfg.device`` ``"cuda"`` (or ``"auto"`` on a machine with CUDA) the steps run on the GPU and
+    the model comes back to the CPU, where export and timing happen. Each step holds a
+    :func:`compute_slot`, so a latency timing elsewhere on this machine runs alone.
 
     Example:
         >>> finetune_(model, data, FinetuneConfig(steps=10), seed=0)  # doctest: +SKIP
@@ -103,6 +109,42 @@ def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int
     """
     if cfg.steps <= 0:
         return float("nan")
+    device = finetune_device(cfg.device)
+    if device.type == "cpu":
+        return _finetune(model, data, cfg, seed, teacher, device)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    try:
+        return _finetune(model, data, cfg, seed, teacher, device)
+    finally:
+        model.to("cpu")
+        if teacher is not None:
+            teacher.to("cpu")
+
+
+def finetune_device(name: str) -> torch.device:
+    """The torch device a fine-tune runs on: ``"cpu"``, ``"cuda"`` (an error without one) or
+    ``"auto"`` (CUDA when torch sees a GPU, else the CPU).
+
+    Example:
+        >>> finetune_device("cpu").type
+        'cpu'
+    """
+    if name == "cpu":
+        return torch.device("cpu")
+    if name in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if name == "auto":
+            return torch.device("cpu")
+        raise ObjectiveError(f"fine-tune device 'cuda' asked for, but torch {torch.__version__} sees no CUDA device "
+                             "on this machine; use device = \"auto\" or \"cpu\"")
+    raise ObjectiveError(f"unknown fine-tune device {name!r}; choose 'auto', 'cpu' or 'cuda'")
+
+
+def _finetune(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int, teacher: nn.Module | None,
+              device: torch.device) -> float:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -118,34 +160,41 @@ def finetune_(model: nn.Module, data: DataSplits, cfg: FinetuneConfig, seed: int
     step, loss_value = 0, float("nan")
     while step < cfg.steps:
         for x, y in batches(data.train, cfg.batch_size, shuffle=True, generator=gen):
-            lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            logits = logits_of(model(x))
-            loss = F.cross_entropy(logits, y) if distill < 1.0 else logits.new_zeros(())
-            value = loss.detach()
-            if distill > 0:
-                with torch.no_grad():
-                    soft_t, soft_s = logits_of(teacher(x)) / t, logits.detach() / t
-                    p_t, p_s = F.softmax(soft_t, dim=-1), F.softmax(soft_s, dim=-1)
-                    kl = (p_t * (F.log_softmax(soft_t, dim=-1) - F.log_softmax(soft_s, dim=-1))).sum(-1).mean()
-                # the gradient of T² x KL(teacher || student) in closed form, T (p_s - p_t) / batch,
-                # from one softmax for both sides: exactly zero where the student still computes the
-                # teacher's logits. Autograd through log_softmax leaves ~1e-8 of rounding there, and
-                # Adam, scale-free, turns that noise into full-size steps (a dense network distilled
-                # into itself lost 9 % agreement in 20 steps at lr 1e-4).
-                surrogate = t * ((p_s - p_t) * logits).sum(-1).mean()
-                loss = (1.0 - distill) * loss + distill * surrogate
-                value = (1.0 - distill) * value + distill * t * t * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_value = float(value)
+            with compute_slot():
+                loss_value = _step(model, opt, x.to(device), y.to(device), teacher, distill, t,
+                                   0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.steps)))
             step += 1
             if step >= cfg.steps:
                 break
     model.eval()
     return loss_value
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, teacher: nn.Module | None,
+          distill: float, t: float, lr: float) -> float:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    logits = logits_of(model(x))
+    loss = F.cross_entropy(logits, y) if distill < 1.0 else logits.new_zeros(())
+    value = loss.detach()
+    if distill > 0:
+        assert teacher is not None
+        with torch.no_grad():
+            soft_t, soft_s = logits_of(teacher(x)) / t, logits.detach() / t
+            p_t, p_s = F.softmax(soft_t, dim=-1), F.softmax(soft_s, dim=-1)
+            kl = (p_t * (F.log_softmax(soft_t, dim=-1) - F.log_softmax(soft_s, dim=-1))).sum(-1).mean()
+        # the gradient of T² x KL(teacher || student) in closed form, T (p_s - p_t) / batch,
+        # from one softmax for both sides: exactly zero where the student still computes the
+        # teacher's logits. Autograd through log_softmax leaves ~1e-8 of rounding there, and
+        # Adam, scale-free, turns that noise into full-size steps (a dense network distilled
+        # into itself lost 9 % agreement in 20 steps at lr 1e-4).
+        surrogate = t * ((p_s - p_t) * logits).sum(-1).mean()
+        loss = (1.0 - distill) * loss + distill * surrogate
+        value = (1.0 - distill) * value + distill * t * t * kl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(value)
 
 
 @torch.no_grad()
@@ -159,7 +208,11 @@ def predictions(model: nn.Module, data: DataSplits, batch_size: int = 256) -> np
         [0, 1, 2]
     """
     model.eval()
-    return np.concatenate([logits_of(model(x)).argmax(1).numpy() for x, _ in batches(data.val, batch_size)])
+    out = []
+    for x, _ in batches(data.val, batch_size):
+        with compute_slot():
+            out.append(logits_of(model(x)).argmax(1).numpy())
+    return np.concatenate(out)
 
 
 @torch.no_grad()
@@ -176,7 +229,8 @@ def evaluate_accuracy(model: nn.Module, data: DataSplits, batch_size: int = 256)
     correct = torch.zeros(data.num_classes)
     total = torch.zeros(data.num_classes)
     for x, y in batches(data.val, batch_size):
-        pred = logits_of(model(x)).argmax(dim=1)
+        with compute_slot():
+            pred = logits_of(model(x)).argmax(dim=1)
         total += torch.bincount(y, minlength=data.num_classes).float()
         correct += torch.bincount(y[pred == y], minlength=data.num_classes).float()
     per_class = [float(c / t) if t > 0 else float("nan") for c, t in zip(correct, total)]

@@ -51,7 +51,8 @@ class FinetuneConfig:
     computes (a pretrained network distilled into its compressed self on a few hundred samples
     drifts under the noise alone). ``distill`` > 0 adds knowledge distillation from the dense
     model (the teacher): loss = (1 - distill) x cross-entropy + distill x T^2 x KL(teacher || student)
-    on logits softened by ``temperature`` T.
+    on logits softened by ``temperature`` T. ``device``: where the steps run, ``"auto"`` (CUDA when
+    torch sees a GPU), ``"cpu"`` or ``"cuda"``; export and latency stay on the CPU either way.
 
     Example:
         >>> FinetuneConfig(steps=50).lr, FinetuneConfig().norm
@@ -66,8 +67,11 @@ class FinetuneConfig:
     dropout: bool = True
     distill: float = 0.0
     temperature: float = 2.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.norm not in ("train", "frozen", "reestimate"):
             raise ValueError(f"norm must be 'train', 'frozen' or 'reestimate', got {self.norm!r}")
         if not 0.0 <= self.distill <= 1.0 or self.temperature <= 0:

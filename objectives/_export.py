@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from edgeslim.objectives._accuracy import logits_of
+from edgeslim.objectives._machine import timing_slot
 from edgeslim.objectives._graph_fixes import drop_requantized_relus, keep_pools_float
 from edgeslim.spaces import ObjectiveError, dequantized_copy, weight_qmax
 
@@ -353,7 +354,7 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
         >>> s.speedup, s.speedup_spread  # doctest: +SKIP
         (1.41, (1.37, 1.46))
     """
-    from edgeslim.objectives.devices._runner import PROTOCOL, make_session, measure_files, pool_sessions
+    from edgeslim.objectives.devices._runner import PROTOCOL, make_session
 
     if example is not None and not np.issubdtype(example.dtype, np.floating):
         x = example  # token ids and other integer inputs: a real sample, random ones may be out of range
@@ -370,6 +371,14 @@ def measure_latency(path: Path, input_shape: Sequence[int], threads: int = 1, wa
 
     def feed(session: Any, _: int) -> dict[str, np.ndarray]:
         return {session.get_inputs()[0].name: x}
+
+    with timing_slot():  # one timing at a time on this machine; other workers' fine-tune steps wait
+        return _measure_latency(path, threads, sessions, reference, protocol, min_runs, budget_s, open_session, feed)
+
+
+def _measure_latency(path: Path, threads: int, sessions: int, reference: Path | None, protocol: dict[str, float],
+                     min_runs: int, budget_s: float, open_session: Any, feed: Any) -> LatencyStats:
+    from edgeslim.objectives.devices._runner import measure_files, pool_sessions
 
     if reference is None:
         n = max(sessions, 1)

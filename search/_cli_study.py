@@ -1,4 +1,4 @@
-"""``edgeslim search``, ``inventory`` and ``refine``: each command registers its own arguments.
+"""``edgeslim search``, ``worker``, ``inventory`` and ``refine``: each command registers its own arguments.
 
 Heavy modules (torch, optuna, plotly) are imported inside the commands, so ``--help`` stays fast.
 """
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cmd_inventory", "cmd_refine", "cmd_search", "register"]
+__all__ = ["cmd_inventory", "cmd_refine", "cmd_search", "cmd_worker", "register"]
 
 
 def _spec_from_args(args: argparse.Namespace) -> Any:
@@ -73,19 +73,60 @@ def _front_table(front: list[dict[str, Any]], names: list[str]) -> str:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Run or resume a study; print the front and the report path."""
+    from edgeslim.search._storage import shown_url
     from edgeslim.search._study import run_search
 
     spec = _spec_from_args(args)
-    result = run_search(spec, devices_dir=Path(args.devices_dir))
+    result = run_search(spec, devices_dir=Path(args.devices_dir), jobs=args.jobs)
     if args.format == "json":
         print(json.dumps(result.front, indent=2, default=float))
-        return 0
+        return result.exit_code
     print(_front_table(result.front, result.objective_names))
+    if result.exit_code:
+        print("stopped early by a signal: the front covers the trials that completed; re-run the same command "
+              "to add the rest")
     if not result.front and spec.budgets.active():
         print(f"no completed trial meets the budgets {spec.budgets.active()}; relax them or run more trials")
     print(f"\nreport: {result.report_path}\nfront:  {result.out_dir / 'pareto.json'}  "
-          f"{result.out_dir / 'pareto.csv'}\nstudy:  {spec.storage_url} (re-run the same command to add trials)")
-    return 0
+          f"{result.out_dir / 'pareto.csv'}\nstudy:  {shown_url(spec.storage_url)} (re-run the same command to add trials)")
+    return result.exit_code
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Join a study in shared storage (PostgreSQL for several machines) and run trials for it."""
+    import optuna
+
+    from edgeslim.search._spec import load_spec, spec_from_dict
+    from edgeslim.search._storage import open_storage, shown_url
+    from edgeslim.search._study import run_search
+    from edgeslim.spaces import SpecError
+
+    if args.spec:
+        spec = load_spec(args.spec)
+        if args.storage:
+            spec = spec.replace(storage=args.storage)
+    else:
+        if not args.storage:
+            raise SpecError("worker needs a SPEC or --storage URL of a running study (e.g. "
+                            "postgresql+psycopg://user:pass@host/db)")
+        storage = open_storage(args.storage, 60)
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        name = args.name or (names[0] if len(names) == 1 else None)
+        if name is None or name not in names:
+            raise SpecError(f"no study {name!r} in {shown_url(args.storage)}; studies there: {names or 'none'}; "
+                            "pass --name, or the SPEC to create it" if name else f"{shown_url(args.storage)} holds "
+                            f"{len(names)} studies ({names}); pass --name")
+        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get("spec")
+        if not isinstance(stored, dict):
+            raise SpecError(f"study {name!r} in {shown_url(args.storage)} holds no edgeslim spec; pass the SPEC file")
+        spec = spec_from_dict(stored).replace(storage=args.storage)
+    changes = {k: v for k, v in (("name", args.name), ("trials", args.trials), ("out_dir", args.out)) if v}
+    spec = spec.replace(**changes) if changes else spec
+    result = run_search(spec, devices_dir=Path(args.devices_dir), torch_threads=args.torch_threads, role="worker")
+    mine = sum(1 for t in result.study.get_trials(deepcopy=False) if t.state.is_finished())
+    print(f"worker done: study {spec.name!r} in {shown_url(spec.storage_url)} holds {mine} finished trials; its front: "
+          f"edgeslim search with the same spec and storage, or pick/refine on the study folder")
+    return result.exit_code
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
@@ -169,6 +210,20 @@ def register(sub: Any) -> None:
     p.add_argument("--sampler", help="; ".join(f"{k}: {v}" for k, v in SAMPLERS.items()))
     for budget in SEARCH_BUDGETS:
         p.add_argument("--" + budget.replace("_", "-"), type=float, help=f"budget: {BUDGETS[budget].help}")
+
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes on this machine sharing the trials (one timing at a time)")
+
+    p = sub.add_parser("worker", help="join a study in shared storage and run trials for it (scale-out)",
+                       description=cmd_worker.__doc__)
+    p.set_defaults(func=cmd_worker)
+    p.add_argument("spec", nargs="?", help="study spec (TOML or JSON); default: the spec stored on the study")
+    p.add_argument("--storage", help="Optuna storage URL the study lives in (needed without SPEC)")
+    p.add_argument("--name", help="study name (default: the spec's, or the only study in the storage)")
+    p.add_argument("--trials", type=int, help="trials this worker runs (default: the spec's)")
+    p.add_argument("--out", help="folder for the base model cache and scratch files (default studies/<name>)")
+    p.add_argument("--devices-dir", default="studies/devices", help="where calibrated profiles live")
+    p.add_argument("--torch-threads", type=int, help="threads for fine-tuning (default: all cores)")
 
     p = sub.add_parser("inventory", help="list layers, pruning groups and knobs of a study's model",
                        description=cmd_inventory.__doc__)

@@ -257,7 +257,8 @@ class CompressionObjective:
         attrs = study.user_attrs
         if attrs.get("base_model_hash") not in (None, self.workload.model_hash):
             raise SpecError(f"study {study.study_name!r} was searched on a different base model "
-                            f"({attrs.get('base_model_hash')} != {self.workload.model_hash}); use a new study")
+                            f"({attrs.get('base_model_hash')} != {self.workload.model_hash}); use a new study (a worker on "
+                            "another machine: copy base_model.pt from the study folder into its --out)")
         if attrs.get("channel_multiple") not in (None, self.space.channel_multiple):
             raise SpecError(f"study {study.study_name!r} rounds kept channels to multiples of "
                             f"{attrs['channel_multiple']}, the objective to {self.space.channel_multiple}; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def pretrained_workload(size: int, train_count: int, val_count: int, seed: int, 
         train_y = teacher_labelled(TensorDataset(train_x), teacher, 64).tensors[1]
         val_y = teacher_labelled(TensorDataset(val_x), teacher, 64).tensors[1]
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"split": split_hash, "train": train_y, "val": val_y,
                     "key": json.dumps({"size": size, "seed": seed})}, tmp)
         tmp.replace(cache)

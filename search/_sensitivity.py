@@ -19,6 +19,7 @@ The flow, once per study (results stored on it, so a resumed run or another work
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -653,12 +654,16 @@ class ReseedCallback:
 
 def optimize_seeded(study: optuna.Study, objective: CompressionObjective, n_trials: int, *,
                     callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
-                    log: Callable[[str], None] | None = None, stream: Any = None) -> None:
+                    log: Callable[[str], None] | None = None, stream: Any = None,
+                    lock: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                    stopped: Callable[[], bool] = lambda: False) -> None:
     """``study.optimize`` for ``n_trials`` trials, sensitivity-seeded: on a study not seeded
     yet the waiting presets run first, then :func:`seed_study` enqueues up to ``SEED_PLANS``
     solved plans; a :class:`ReseedCallback` solves again as trials arrive. Never enqueues past
     this call's budget. A trial that raises is recorded and the study goes on
-    (``catch=(Exception,)``), as in the CLI.
+    (``catch=(Exception,)``), as in the CLI. With several workers on one study, ``lock`` (a
+    study-wide lock, :func:`edgeslim.search._storage.study_lock`) makes the seeding happen once;
+    ``stopped`` (a signal came) ends the run between its phases.
 
     Example:
         >>> optimize_seeded(study, objective, 30)  # doctest: +SKIP
@@ -669,8 +674,12 @@ def optimize_seeded(study: optuna.Study, objective: CompressionObjective, n_tria
         first = min(waiting, left)  # the presets: the surrogate is fitted on them
         study.optimize(objective, n_trials=first, catch=(Exception,), callbacks=list(callbacks))
         left -= first
-        if left > 0:
-            seed_study(study, objective, n_plans=min(SEED_PLANS, left), log=log, stream=stream)
+        if left > 0 and not stopped():
+            with lock():  # another worker may have seeded the study meanwhile
+                if not study.user_attrs.get("surrogate"):
+                    seed_study(study, objective, n_plans=min(SEED_PLANS, left), log=log, stream=stream)
+    if left <= 0 or stopped():
+        return
     done_before = len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
     reseed = ReseedCallback(objective, every=RESEED_EVERY, n_plans=RESEED_PLANS, stop_at=done_before + left, log=log)
     study.optimize(objective, n_trials=left, catch=(Exception,), callbacks=[*callbacks, reseed])

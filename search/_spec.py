@@ -16,7 +16,7 @@ from edgeslim.spaces import LayerRule, RuleSet, SpaceError, SpecError
 
 __all__ = [
     "BudgetsSpec", "DataSpec", "DeviceSpec", "FinetuneSpec", "ModelSpec", "SpaceSpec", "StudySpec",
-    "load_spec", "parse_spec", "demo_spec",
+    "load_spec", "parse_spec", "demo_spec", "spec_from_dict",
 ]
 
 
@@ -95,6 +95,7 @@ class FinetuneSpec:
     dropout: bool = True
     distill: float = 0.0
     temperature: float = 2.0
+    device: str = "auto"  # where fine-tunes run: "auto" (CUDA when present), "cpu" or "cuda"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +287,9 @@ def _check_values(spec: StudySpec) -> None:
         raise SpecError(f"[device] threads must be >= 1, got {spec.device.threads!r}")
     if spec.finetune.steps < 0 or spec.finetune.lr <= 0 or spec.finetune.batch_size < 1:
         raise SpecError(f"[finetune] needs steps >= 0, lr > 0, batch_size >= 1; got {spec.finetune}")
+    if spec.finetune.device not in ("auto", "cpu", "cuda"):
+        raise SpecError(f"[finetune] device must be 'auto' (CUDA when present), 'cpu' or 'cuda'; "
+                        f"got {spec.finetune.device!r}")
     if spec.finetune.norm not in ("train", "frozen", "reestimate"):
         raise SpecError(f"[finetune] norm must be 'train' (BatchNorm statistics follow the fine-tune's batches), "
                         f"'frozen' (keep them) or 'reestimate' (re-estimate on 1024 samples, then keep them), "
@@ -387,7 +391,7 @@ def parse_spec(data: Mapping[str, Any]) -> StudySpec:
 
 
 def load_spec(path: str | Path) -> StudySpec:
-    """Read and validate a TOML study spec.
+    """Read and validate a TOML study spec (or a ``.json`` one in :meth:`StudySpec.to_dict`'s form).
 
     Example:
         >>> load_spec("studies/digits-demo.toml").name  # doctest: +SKIP
@@ -397,11 +401,30 @@ def load_spec(path: str | Path) -> StudySpec:
     if not p.is_file():
         raise SpecError(f"study spec {str(p)!r} does not exist; pass the path of a .toml file "
                         "(see studies/digits-demo.toml)")
+    if p.suffix == ".json":  # a spec as a study stores it (StudySpec.to_dict): what `--jobs` hands its workers
+        try:
+            flat = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise SpecError(f"malformed JSON in {str(p)!r}: {e}; fix the file and run again") from None
+        if not isinstance(flat, dict):
+            raise SpecError(f"{str(p)!r} must hold a JSON object (a spec as StudySpec.to_dict writes it)")
+        return spec_from_dict(flat)
     try:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"malformed TOML in {str(p)!r}: {e}; fix the file and run again") from None
     return parse_spec(data)
+
+
+def spec_from_dict(flat: Mapping[str, Any]) -> StudySpec:
+    """The spec :meth:`StudySpec.to_dict` wrote (as a study stores it), validated again.
+
+    Example:
+        >>> spec_from_dict(demo_spec().to_dict()) == demo_spec()
+        True
+    """
+    return parse_spec({"study": {k: v for k, v in flat.items() if k not in _SECTIONS},
+                       **{k: v for k, v in flat.items() if k in _SECTIONS}})
 
 
 def demo_spec() -> StudySpec:
@@ -430,4 +453,5 @@ def spec_fingerprint(spec: StudySpec) -> str:
     for key, default in (("norm", "train"), ("dropout", True), ("distill", 0.0), ("temperature", 2.0)):  # likewise
         if keep["finetune"].get(key) == default:
             del keep["finetune"][key]
+    del keep["finetune"]["device"]  # workers on a GPU host and on CPUs share one study
     return json.dumps(keep, sort_keys=True)

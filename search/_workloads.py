@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from edgeslim.objectives import DataSplits, FinetuneConfig, evaluate_accuracy, finetune_, is_label_free, logits_of
 from edgeslim.search._registry import BUILTIN_WORKLOADS
+from edgeslim.search._storage import file_lock
 from edgeslim.search._spec import StudySpec
 from edgeslim.spaces import SpecError
 
@@ -171,7 +173,7 @@ def _user_model(spec: StudySpec) -> nn.Module:
             model = factory()
         except Exception as e:  # the user's code: say which factory and what it raised, in one line
             raise SpecError(f"model factory {m.factory!r} raised {type(e).__name__}: {str(e)[:200]}; "
-                            "fix the factory (it runs from the current folder)") from None
+                            "fix the factory (it runs from the current folder; --debug shows its traceback)") from None
         if not isinstance(model, nn.Module):
             raise SpecError(f"model factory {m.factory!r} returned {type(model).__name__}, not an nn.Module")
         if model.training:
@@ -291,7 +293,7 @@ def _user_data(spec: StudySpec) -> tuple[DataSplits, str]:
         out = factory()
     except Exception as e:
         raise SpecError(f"data factory {d.factory!r} raised {type(e).__name__}: {str(e)[:200]}; "
-                        "fix the factory (it runs from the current folder)") from None
+                        "fix the factory (it runs from the current folder; --debug shows its traceback)") from None
     if not isinstance(out, tuple) or len(out) not in (2, 3):
         raise SpecError(f"data factory {d.factory!r} must return (train, val) or (train, val, num_classes)")
     train, val = out[0], out[1]
@@ -361,21 +363,23 @@ def load_workload(spec: StudySpec, out_dir: str | Path, log: Callable[[str], Non
         cache = out_dir / "base_model.pt"
         key = {"workload": spec.model.builtin, "seed": spec.seed, "split": split_hash,
                "epochs": spec.model.train_epochs or epochs}
-        if cache.is_file():
-            saved = torch.load(cache, map_location="cpu", weights_only=True)
-            if saved.get("key") != json.dumps(key, sort_keys=True):
-                raise SpecError(f"{cache} was trained for another setup ({saved.get('key')}); "
-                                "use another study name or out_dir instead of overwriting it")
-            model.load_state_dict(saved["state_dict"])
-            acc = float(saved["accuracy"])
-        else:
-            log(f"training the {spec.model.builtin} base model ({key['epochs']} epochs, cached in {cache})")
-            acc = train_base(model, data, key["epochs"], spec.seed)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save({"state_dict": model.state_dict(), "accuracy": acc,
-                        "key": json.dumps(key, sort_keys=True)}, tmp)
-            tmp.replace(cache)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with file_lock(out_dir / "base_model.lock"):  # workers starting together train it once
+            if cache.is_file():
+                saved = torch.load(cache, map_location="cpu", weights_only=True)
+                if saved.get("key") != json.dumps(key, sort_keys=True):
+                    raise SpecError(f"{cache} was trained for another setup ({saved.get('key')}); "
+                                    "use another study name or out_dir instead of overwriting it")
+                model.load_state_dict(saved["state_dict"])
+                acc = float(saved["accuracy"])
+            else:
+                log(f"training the {spec.model.builtin} base model ({key['epochs']} epochs, cached in {cache})")
+                acc = train_base(model, data, key["epochs"], spec.seed)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+                torch.save({"state_dict": model.state_dict(), "accuracy": acc,
+                            "key": json.dumps(key, sort_keys=True)}, tmp)
+                tmp.replace(cache)
         example = torch.zeros(1, 1, size, size)
         desc = f"built-in {spec.model.builtin} on scikit-learn digits ({size}x{size})"
     else:

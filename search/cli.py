@@ -21,6 +21,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="edgeslim",
         description="Search channel sparsity x low rank x bit-width for an edge device; "
                     "get a Pareto front of accuracy against size, latency and energy.")
+    parser.add_argument("--debug", action="store_true",
+                        help="after an error's one line, print the traceback of its cause (e.g. your factory's frames)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -44,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("edgeslim: error: choose a command, e.g. `edgeslim search`", file=sys.stderr)
         return 2
-    for key in ("trials", "threads", "samples", "finetune_steps", "steps"):
+    for key in ("trials", "threads", "samples", "finetune_steps", "steps", "jobs", "torch_threads"):
         value = getattr(args, key, None)
         if value is not None and value < 1:
             parser.print_usage(sys.stderr)
@@ -57,14 +59,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, SpaceError) as e:
         parser.print_usage(sys.stderr)
         print(f"edgeslim: error: {e}", file=sys.stderr)
+        _debug(args, e)
         return 2
     except EdgeslimError as e:
         print(f"edgeslim: error: {e}", file=sys.stderr)
+        _debug(args, e)
         return 1
     except KeyboardInterrupt:
         print("\nedgeslim: interrupted; finished trials are stored, re-run the same command to resume",
               file=sys.stderr)
         return 130
+
+
+def _debug(args: argparse.Namespace, e: BaseException) -> None:
+    if getattr(args, "debug", False):
+        import traceback
+
+        print("edgeslim: --debug: the traceback behind the error above:", file=sys.stderr)
+        traceback.print_exception(e.__cause__ or e.__context__ or e, file=sys.stderr)
 
 
 if __name__ == "__main__":

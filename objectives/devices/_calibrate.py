@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgeslim.objectives._machine import timing_slot
 from edgeslim.objectives.devices import _runner
 from edgeslim.objectives.devices._kernels import Kernel
 from edgeslim.objectives.devices._micro import (CHAINS, IO_SIZES, KERNEL_TYPES, MAX_MACS, MODES, chain_edges, chain_model,
@@ -156,8 +157,9 @@ def _measure_models(builders: Sequence[Callable[[int], onnx.ModelProto]], thread
             onnx.save(builders[i](offset + i), str(paths[-1]))
         if track is not None and (track.timed_at is None or track.seq // TRACK_EVERY > track.timed_at // TRACK_EVERY):
             time_track(track, threads, workdir)
-        group = _runner.measure_files([str(q) for q in paths], threads, list(range(offset + at, offset + at + size)),
-                                      energy_reader=energy_reader)
+        with timing_slot():  # workers of a search on this machine pause their fine-tunes meanwhile
+            group = _runner.measure_files([str(q) for q in paths], threads,
+                                          list(range(offset + at, offset + at + size)), energy_reader=energy_reader)
         for m, q in zip(group, paths):
             if track is not None:
                 m["seq"] = track.seq
