@@ -99,7 +99,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_variants(args: argparse.Namespace) -> int:
     """List a study's exported variants (kept for rollback)."""
     from edgeslim.search._export import list_variants
+    from edgeslim.spaces import SpecError
 
+    if not Path(args.study).is_dir():
+        raise SpecError(f"study folder {args.study!r} does not exist; pass the folder `edgeslim search` wrote "
+                        "(e.g. studies/digits-demo)")
     cards = list_variants(Path(args.study))
     if args.format == "json":
         print(json.dumps(cards, indent=2, default=float))

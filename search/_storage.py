@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import time
 import warnings
 import zlib
@@ -22,6 +23,8 @@ __all__ = ["file_lock", "open_storage", "shown_url", "study_lock"]
 # "database is locked" (Python's default is 5 s; a worker may be mid-commit of a large trial row)
 SQLITE_TIMEOUT_S = 60.0
 _CONNECT_TRIES = 4
+# a file to append this process's storage statement count and seconds to at exit (bench_workers.py)
+STATS_ENV = "EDGESLIM_STORAGE_STATS"
 
 
 def _is_rdb(url: str) -> bool:
@@ -66,9 +69,12 @@ def open_storage(url: str, heartbeat_s: int) -> str | optuna.storages.BaseStorag
             with warnings.catch_warnings(), study_lock(url, "__schema__"):
                 # heartbeats are experimental in Optuna; what we use of them is stable
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+                if os.environ.get(STATS_ENV):
+                    _count_statements(storage, Path(os.environ[STATS_ENV]))
+                return storage
         except SpecError:
             raise
         except Exception as e:  # noqa: BLE001 - sqlalchemy, the driver and Optuna each raise their own
@@ -79,6 +85,37 @@ def open_storage(url: str, heartbeat_s: int) -> str | optuna.storages.BaseStorag
                 continue
             raise _unreachable(url, e) from None
     raise AssertionError("unreachable")
+
+
+def _count_statements(storage: optuna.storages.RDBStorage, out: Path) -> None:
+    """Count the SQL statements this process sends to ``storage`` and the seconds they take
+    (client side: round trip, server work and waiting on locks); one JSON line at exit."""
+    import atexit
+    import json
+
+    from sqlalchemy import event
+
+    import threading
+
+    stats = {"pid": os.getpid(), "statements": 0, "seconds": 0.0}
+    started: dict[int, float] = {}  # per thread: the heartbeat thread writes too
+
+    @event.listens_for(storage.engine, "before_cursor_execute")
+    def _before(*_: object) -> None:
+        started[threading.get_ident()] = time.perf_counter()
+
+    @event.listens_for(storage.engine, "after_cursor_execute")
+    def _after(*_: object) -> None:
+        t0 = started.pop(threading.get_ident(), None)
+        if t0 is not None:
+            stats["seconds"] += time.perf_counter() - t0
+            stats["statements"] += 1
+
+    def _write() -> None:
+        with open(out, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+    atexit.register(_write)
 
 
 @contextlib.contextmanager

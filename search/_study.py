@@ -254,6 +254,10 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     say = log or (lambda msg: print(msg, file=stream))
     if jobs < 1:
         raise SpecError(f"jobs must be >= 1, got {jobs}")
+    if jobs > 1 and (":memory:" in spec.storage_url or not spec.storage_url.startswith(("sqlite:", "postgresql",
+                                                                                          "mysql"))):
+        raise SpecError(f"--jobs {jobs} needs storage that several processes share (a SQLite file or PostgreSQL), "
+                        f"not {shown_url(spec.storage_url)}; leave --storage out for SQLite in the study folder")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_finetune_device(spec)
     out_dir = spec.output_dir

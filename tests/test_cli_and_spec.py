@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 from pathlib import Path
@@ -137,10 +139,15 @@ def test_bad_trials_flag(capsys):
     assert "--trials must be >= 1" in capsys.readouterr().err
 
 
+PG_URL = os.environ.get("EDGESLIM_TEST_POSTGRES_URL", "")
+
+
 def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "broken.json").write_text("{not json")
     (tmp / "list.json").write_text("[1, 2, 3]")
     (tmp / "empty").mkdir(exist_ok=True)
+    (tmp / "tpu.toml").write_text('[study]\nname = "t"\n[finetune]\ndevice = "tpu"\n')
+    (tmp / "cuda.toml").write_text('[study]\nname = "t"\n[finetune]\ndevice = "cuda"\n')
     missing = str(tmp / "no-such-study")
     return [
         (["search", str(tmp / "none.toml")], "does not exist"),
@@ -155,7 +162,29 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["calibrate", "--device", "x", "--fit", str(tmp / "list.json")], "holds a list"),
         (["calibrate", "--device", "x", "--fit", str(tmp / "none.json")], "does not exist"),
         (["check-latency", "--device", "no-such-device"], "unknown device 'no-such-device'"),
-    ]
+        (["variants", missing], "does not exist"),
+        (["search", "--jobs", "0"], "--jobs must be >= 1"),
+        (["search", "--jobs", "2", "--storage", "sqlite:///:memory:"], "needs storage that several processes share"),
+        (["search", "--out", str(tmp / "s"), "--storage", "postgresql+psycopg://me:secret@127.0.0.1:1/db"],
+         "cannot open storage postgresql+psycopg://me:***@127.0.0.1:1/db"),
+        (["search", "--out", str(tmp / "s"), "--storage", f"sqlite:///{tmp}/no/such/folder/s.db"],
+         "does not exist"),
+        (["search", str(tmp / "tpu.toml"), "--out", str(tmp / "s")], "[finetune] device must be"),
+        (["worker"], "worker needs a SPEC or --storage"),
+        (["worker", "--storage", f"sqlite:///{tmp}/empty.db", "--name", "nope"], "no study 'nope'"),
+        (["worker", "--torch-threads", "0"], "--torch_threads must be >= 1"),
+        (["refine", missing, "--storage", "postgresql+psycopg://me:secret@127.0.0.1:1/db"], "does not exist"),
+    ] + ([(["search", str(tmp / "cuda.toml"), "--out", str(tmp / "s")], "sees no CUDA device")]
+         if not _has_cuda() else []) + ([
+        (["search", "--out", str(tmp / "s"), "--storage", PG_URL.rsplit("/", 1)[0] + "/no_such_db"],
+         "cannot open storage"),
+    ] if PG_URL else [])
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def test_every_command_refuses_bad_input_with_one_line_and_exit_2(tmp_path, capsys):
@@ -165,7 +194,7 @@ def test_every_command_refuses_bad_input_with_one_line_and_exit_2(tmp_path, caps
         errors = [line for line in err.splitlines() if line.startswith("edgeslim: error:")]
         assert code == 2, (argv, code, err)
         assert len(errors) == 1 and match in errors[0], (argv, err)
-        assert "Traceback" not in err
+        assert "Traceback" not in err and "secret" not in err
 
 
 FACTORIES = '''
