@@ -169,7 +169,7 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
         raise SpecError("--kit writes a check kit and --measured reads its results: give one of them")
     if args.measured:
         fixed = [f for f, v in (("--samples", args.samples), ("--workloads", args.workloads),
-                                ("--threads", args.threads), ("--seed", args.seed), ("--repeat", args.repeat)) if v]
+                                ("--threads", args.threads), ("--seed", args.seed), ("--repeat", args.repeat is not None)) if v]
         if fixed:
             raise SpecError(f"{', '.join(fixed)}: the check kit fixed these when it was written; "
                             "give them with --kit")
@@ -190,7 +190,8 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
             raise SpecError(f"--threads {args.threads}: a check kit measures with the profile's {profile.threads} "
                             f"thread(s); run_kit.py --threads N on the device measures with another count")
         bar = Progress(samples * len(workloads), "candidates exported")
-        write_check_kit(profile, kit, samples, args.seed or 0, workloads, args.repeat, lambda d, t: bar.update(d))
+        write_check_kit(profile, kit, samples, args.seed or 0, workloads, args.repeat is not False,
+                        lambda d, t: bar.update(d))
         size = sum(f.stat().st_size for f in (kit / "models").glob("*.onnx")) / 2**20
         print(f"wrote check kit {kit} ({samples * len(workloads)} candidates, {size:.0f} MiB) for profile "
               f"{profile.name!r}. On the device it was calibrated on:\n"
@@ -219,9 +220,10 @@ def cmd_check_latency(args: argparse.Namespace) -> int:
                   f"calibrated on ({other}): the figures compare two devices; run it on the device itself, "
                   f"or write a check kit for it with --kit", file=sys.stderr)
         bar = Progress(samples * len(workloads), "candidates")
-        bar.total *= 2 if args.repeat else 1
+        repeat = args.repeat is not False
+        bar.total *= 2 if repeat else 1
         rows = check_latency(profile, samples, args.seed or 0, workloads, lambda d, t: bar.update(d),
-                             args.threads, args.repeat, reference)
+                             args.threads, repeat, reference)
         where, threads = "measured here", args.threads or profile.threads
     return _report_check(profile, rows, workloads, where, threads, args.format)
 
@@ -240,19 +242,33 @@ def _report_check(profile: Any, rows: Sequence[Any], workloads: Sequence[str], w
     scaled = summarize([dataclasses.replace(r, predicted_ms=r.predicted_ms * r.speed) for r in rows]) \
         if speeds and len(speeds) == len(rows) else None
     if fmt == "json":
-        print(json.dumps({"device": profile.name, "profile_id": profile.profile_id, "measured": where,
+        limit = None if summary.repeat_within_10pct is None else (
+            "model" if summary.within_10pct < summary.repeat_within_10pct else "noise")
+        print(json.dumps({"device": profile.name, "profile_id": profile.profile_id, "measured": where, "limit": limit,
                           "rows": [dataclasses.asdict(r) for r in rows], "summary": summary.to_dict(),
                           "speed_ratio": ratio, "summary_drift_scaled": scaled.to_dict() if scaled else None},
                          indent=2))
         return 0
     print(f"device {profile.name} ({profile.profile_id}), calibrated with {profile.threads} thread(s); {where} "
           f"with {threads} thread(s), same protocol")
-    print(f"{'workload':<18} {'n':>3} {'within ±10%':>12} {'MAPE':>7}")
+    repeated = summary.repeat_within_10pct is not None
+    print(f"{'':<22} {'model vs measured':>20}" + (f" {'measured again':>20}" if repeated else ""))
+    print(f"{'workload':<18} {'n':>3} {'within ±10%':>12} {'MAPE':>7}"
+          + (f" {'within ±10%':>12} {'MAPE':>7}" if repeated else ""))
+
+    def line(name: str, s: Any) -> str:
+        again = (f" {s.repeat_within_10pct:>12.0%} {s.repeat_mape:>7.1%}" if s.repeat_within_10pct is not None
+                 else (f" {'-':>12} {'-':>7}" if repeated else ""))
+        return f"{name:<18} {s.n:>3} {s.within_10pct:>12.0%} {s.mape:>7.1%}" + again
+
     for w in workloads:
-        s = summarize([r for r in rows if r.workload == w])
-        print(f"{w:<18} {s.n:>3} {s.within_10pct:>12.0%} {s.mape:>7.1%}")
-    print(f"{'all':<18} {summary.n:>3} {summary.within_10pct:>12.0%} {summary.mape:>7.1%}   "
-          f"Spearman {summary.spearman:.3f}")
+        print(line(w, summarize([r for r in rows if r.workload == w])))
+    print(line("all", summary) + f"   Spearman {summary.spearman:.3f}")
+    if repeated:
+        limit = ("the model limits: it agrees with the measurement less often than the measurement agrees with itself"
+                 if summary.within_10pct < summary.repeat_within_10pct else
+                 "noise limits: the model agrees with the measurement as often as measuring again does")
+        print(f"{limit} ({summary.within_10pct:.0%} vs {summary.repeat_within_10pct:.0%} within ±10%)")
     if ratio is not None and scaled is not None:
         lo, hi = min(speeds), max(speeds)
         print(f"reference kernels ran {abs(ratio - 1):.1%} {'slower' if ratio >= 1 else 'faster'} than during "
@@ -262,9 +278,6 @@ def _report_check(profile: Any, rows: Sequence[Any], workloads: Sequence[str], w
     if summary.p95_within_10pct is not None:
         print(f"p95 (each candidate's 95th percentile run against the predicted p95): {summary.p95_within_10pct:.0%} "
               f"within ±10%, MAPE {summary.p95_mape:.1%}")
-    if summary.repeat_within_10pct is not None:
-        print(f"measured again: {summary.repeat_within_10pct:.0%} of the files within ±10% of their first "
-              f"measurement (mean deviation {summary.repeat_mape:.1%}): what noise leaves any predictor here")
     print("worst cases:")
     for r in summary.worst:
         print(f"  {r.workload:<18} predicted {r.predicted_ms:8.4f} ms  measured {r.measured_ms:8.4f} ms  "
@@ -303,8 +316,9 @@ def register(sub: Any) -> None:
     p.add_argument("--samples", type=int, help="random plans per workload (default 6)")
     p.add_argument("--workloads", help="comma-separated subset of the validation workloads")
     p.add_argument("--threads", type=int, help="measure with this many threads (default: the profile's)")
-    p.add_argument("--repeat", action="store_true",
-                   help="time every file a second time at the end, to show this machine's measurement noise")
+    p.add_argument("--repeat", action=argparse.BooleanOptionalAction, default=None,
+                   help="time every file a second time at the end, to show this machine's measurement noise "
+                        "beside the model's error (default on; --no-repeat halves the time)")
     p.add_argument("--kit", metavar="DIR", help="write a check kit for the profile's (remote) device here "
                    "instead of measuring on this machine")
     p.add_argument("--measured", metavar="FILE", help="report on a check kit's measurements.json from the device")

@@ -718,6 +718,17 @@ def test_check_latency_repeat_reports_measurement_noise(tmp_path, monkeypatch, c
                for r in out["rows"])
     tail = [abs(r["predicted_p95_ms"] / r["measured_p95_ms"] - 1) for r in out["rows"]]
     assert out["summary"]["p95_mape"] == pytest.approx(float(np.mean(tail)))
+    s = out["summary"]
+    assert out["limit"] == ("model" if s["within_10pct"] < s["repeat_within_10pct"] else "noise")
+    # the table: repeats on by default, both figures side by side, and which one limits
+    assert main(["check-latency", "--device", "cover", "--devices-dir", str(tmp_path), "--workloads", "digits-cnn",
+                 "--samples", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "model vs measured" in table and "measured again" in table
+    assert ("the model limits" in table) != ("noise limits" in table)
+    assert main(["check-latency", "--device", "cover", "--devices-dir", str(tmp_path), "--workloads", "digits-cnn",
+                 "--samples", "2", "--no-repeat"]) == 0
+    assert "measured again" not in capsys.readouterr().out
     assert 0.3 < out["speed_ratio"] < 0.8  # about 0.5, give or take this VM's noise
     # each row carries the speed timed around its own measurement; the drift-scaled figures use it
     assert all(0.3 < r["speed"] < 0.8 for r in out["rows"])
