@@ -343,12 +343,44 @@ def test_pool_between_int8_convs_stands_on_the_quantized_side():
         if fork:
             ks.append(Kernel("conv", 8, 16, 16, 1, h=4, w=4, ho=4, wo=4))
             edges.append((1, 3, False))
-        row = boundary_terms(ks, edges)
+        row = boundary_terms(ks, edges, 8)
         return {c for i, c in enumerate(BOUNDARY_CLASSES) if row[2 * i]}
 
     assert classes(8, 8) == {"q>q+act", "q>q"}
     assert classes(8, 32) == {"q>c", "c>c"} and classes(4, 8) == {"q>c", "c>q"}
     assert classes(8, 8, fork=True) == {"q>c", "c>q"}
+
+
+def test_boundary_classes_follow_the_devices_nchwc_block():
+    """The block is the device's (probed at calibration), not a constant: 24 channels chain in
+    NCHWc with AVX2's block of 8, not with AVX-512's 16; with no blocking (1) nothing is ``c``."""
+    from edgeslim.objectives.devices import LatencyModel
+    from edgeslim.objectives.devices._model import boundary_terms
+
+    ks = [Kernel("conv", 32, 24, 24, 3, h=8, w=8, ho=8, wo=8), Kernel("pool", 32, 24, 24, 2, 2, h=8, w=8, ho=4, wo=4),
+          Kernel("conv", 32, 24, 24, 3, h=4, w=4, ho=4, wo=4)]
+    edges = [(0, 1, True), (1, 2, False)]
+
+    def classes(block: int) -> set[str]:
+        row = boundary_terms(ks, edges, block)
+        return {c for i, c in enumerate(BOUNDARY_CLASSES) if row[2 * i]}
+
+    assert classes(8) == {"c>c"}
+    assert classes(16) == {"c>f", "f>c"}
+    assert classes(1) == {"f>f"}
+    model, _ = _synthetic_model()
+    model.nchwc_block = 16
+    assert LatencyModel.from_dict(model.to_dict()).nchwc_block == 16
+    legacy = {k: v for k, v in model.to_dict().items() if k != "nchwc_block"}
+    assert LatencyModel.from_dict(legacy).nchwc_block == 8  # what models fitted before the probe used
+
+
+def test_the_block_comes_from_the_probe_or_the_reported_isa():
+    from edgeslim.objectives.devices import nchwc_block_of, probe_nchwc_block
+
+    assert nchwc_block_of({"nchwc_block": probe_nchwc_block()}) == (probe_nchwc_block(), "probed")
+    assert nchwc_block_of({"isa_flags": ["avx2", "avx512f"]})[0] == 16
+    assert nchwc_block_of({"isa_flags": ["asimd"]})[0] == 1
 
 
 def test_boundary_terms_recover_a_known_saving():
@@ -657,7 +689,7 @@ def test_search_with_a_calibrated_profile_predicts_latency(tmp_path):
     trial = result.study.trials[0]
     assert trial.user_attrs["latency_method"].startswith("predicted (estimate)")
     assert "fake" in result.study.user_attrs["device"]
-    assert "predicted by profile fake" in result.report_path.read_text()
+    assert "predicted for fake by its calibrated profile" in result.report_path.read_text()
 
 
 def test_local_calibration_end_to_end(tmp_path, monkeypatch):

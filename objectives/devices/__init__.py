@@ -24,7 +24,7 @@ from edgeslim.objectives.devices._micro import CHAINS, KERNEL_TYPES, MODES, chai
 from edgeslim.objectives.devices._model import BOUNDARY_CLASSES, LatencyModel
 from edgeslim.objectives.devices._power import PowerCommandReader, RaplReader, find_rapl
 from edgeslim.objectives.devices._profile import (DEVICES_DIR, DeviceProfile, EnergyConstants, known_devices,
-                                                  load_device, probe_nchwc_block, profile_id)
+                                                  load_device, nchwc_block_of, probe_nchwc_block, profile_id)
 from edgeslim.objectives.devices._runner import (EXCURSION, KIT_VERSION, PROTOCOL, device_facts, reference_timings,
                                                  speed_ratio)
 from edgeslim.spaces import ProfileError
@@ -35,7 +35,7 @@ __all__ = sorted([
     "PowerCommandReader", "ProfileError", "REFERENCE_KERNELS", "RaplReader", "SpeedTrack", "boundary_class",
     "calibrate", "calibrate_profile", "chain_model", "device_facts", "extract_graph", "extract_kernels", "find_rapl",
     "fit_energy", "fit_measurements", "foreign_device", "io_bytes", "kernel_type", "kit_profile", "known_devices",
-    "load_device", "measure_reference", "micro_model", "network_record", "probe_nchwc_block", "profile_id",
+    "load_device", "measure_reference", "micro_model", "network_record", "nchwc_block_of", "probe_nchwc_block", "profile_id",
     "read_kit_results", "reference_entries", "reference_from", "refit", "refit_profile", "remeasure_line",
     "seal_kit", "speed_ratio", "start_kit", "write_kit",
 ])

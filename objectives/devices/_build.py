@@ -12,7 +12,8 @@ from typing import Any
 
 from edgeslim.objectives.devices import _calibrate, _kits, _runner
 from edgeslim.objectives.devices._kernels import Kernel, kernel_type
-from edgeslim.objectives.devices._profile import DeviceProfile, EnergyConstants, probe_nchwc_block, profile_id
+from edgeslim.objectives.devices._profile import (DeviceProfile, EnergyConstants, nchwc_block_of, probe_nchwc_block,
+                                                  profile_id)
 from edgeslim.spaces import ProfileError
 
 __all__ = ["BuiltProfile", "calibrate_profile", "foreign_device", "kit_profile", "read_kit_results",
@@ -87,9 +88,11 @@ def calibrate_profile(name: str, threads: int, mode: str = "quick", seed: int = 
         >>> built.profile.save(Path("studies/devices/bench.json"))  # doctest: +SKIP
     """
     created = _now()
-    result = _calibrate.calibrate(name, threads, mode, seed, progress, power, focus=focus, networks=networks, say=say)
+    block = probe_nchwc_block()  # what the boundary classes use, and [space] channel_multiple = 0 rounds to
+    result = _calibrate.calibrate(name, threads, mode, seed, progress, power, focus=focus, networks=networks, say=say,
+                                  block=block)
     facts = _runner.device_facts(threads)
-    facts["nchwc_block"] = probe_nchwc_block()  # what [space] channel_multiple = 0 rounds to
+    facts["nchwc_block"] = block
     energy = EnergyConstants()
     if power is not None:
         energy = _kits.fit_energy(result.kernels, result.measurements,
@@ -107,8 +110,9 @@ def kit_profile(data: Mapping[str, Any], name: str, source: str = "measurements"
                            f"with `edgeslim check-latency --device {data.get('device', 'NAME')} --measured {source}`")
     try:
         result = _kits.fit_measurements(dict(data), name)
-        facts, protocol = data["facts"], data["protocol"]
+        facts, protocol = dict(data["facts"]), data["protocol"]
         threads = int(facts.get("threads", 1))
+        facts["nchwc_block"], facts["nchwc_block_source"] = nchwc_block_of(facts)  # what the model was fitted with
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ProfileError(f"{source!r} is malformed ({type(e).__name__}: {e}); nothing was written; "
                            "run run_kit.py on the device again") from None
@@ -128,7 +132,9 @@ def refit_profile(path: Path, name: str) -> BuiltProfile:
     except (ValueError, TypeError, KeyError) as e:
         raise ProfileError(f"device profile {str(path)!r}: {e}") from None
     # the rest of the document (facts, energy, measurements, id) is validated as any profile is
-    profile = DeviceProfile.from_dict({**data, "model": result.model.to_dict(),
+    facts = dict(data.get("facts") or {})
+    facts["nchwc_block"], facts["nchwc_block_source"] = nchwc_block_of(facts)  # what the refit used
+    profile = DeviceProfile.from_dict({**data, "facts": facts, "model": result.model.to_dict(),
                                        "refit": {"at": _now(), "from_model_of": data.get("created")}},
                                       where=f"device profile {str(path)!r}")
     return BuiltProfile(profile, result)

@@ -20,6 +20,7 @@ from edgeslim.objectives.devices._micro import (CHAINS, IO_SIZES, KERNEL_TYPES, 
                                                  design, measuring_order, micro_model, neighbour, random_chain,
                                                  random_kernel)
 from edgeslim.objectives.devices._model import LatencyModel
+from edgeslim.objectives.devices._profile import probe_nchwc_block
 
 __all__ = ["CalibrationResult", "REFERENCE_KERNELS", "SpeedTrack", "calibrate", "measure_reference", "network_record",
            "reference_from"]
@@ -194,16 +195,16 @@ def io_kernels() -> list[Kernel]:
     return [Kernel("io", cin=n, cout=n) for n in IO_SIZES]
 
 
-def _fit(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], device: str,
+def _fit(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], device: str, block: int,
          select: bool = False) -> LatencyModel:
-    return LatencyModel(device=device).fit(kernels, meas, select=select)
+    return LatencyModel(device=device, nchwc_block=block).fit(kernels, meas, select=select)
 
 
 def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
               progress: Callable[[int, int], None] | None = None, energy_reader: Any = None,
               types: Sequence[str] = KERNEL_TYPES, focus: Sequence[Kernel] = (),
-              networks: Sequence[Mapping[str, Any]] = (), say: Callable[[str], None] | None = None
-              ) -> CalibrationResult:
+              networks: Sequence[Mapping[str, Any]] = (), say: Callable[[str], None] | None = None,
+              block: int | None = None) -> CalibrationResult:
     """Measure an initial design, then adaptively add points where the model errs most.
 
     Each round draws fresh validation kernels, records the current model's error on them
@@ -212,6 +213,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
     initial design: the model is then exact where the search will ask it most. ``networks``
     (``{"name", "path", "kernels", "edges"}``: whole candidates of those models, exported as
     they would ship) are measured after the chains and fit the boundary savings with them.
+    ``block``: the NCHWc channel block the boundary classes use (default: probed here).
 
     Measurements taken while the device ran more than ``EXCURSION`` off its usual speed (the
     speed track's median) are measured again once it is back (see :func:`_remeasure`); ``say``
@@ -235,9 +237,10 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
         total += n
 
     track = SpeedTrack()
+    nchwc = probe_nchwc_block() if block is None else block  # this machine's, found by ONNX Runtime itself
 
     def fit_so_far() -> LatencyModel:  # with the overhead timings taken so far
-        return _fit(kernels + [k for k, _ in track.io], meas + [m for _, m in track.io], device)
+        return _fit(kernels + [k for k, _ in track.io], meas + [m for _, m in track.io], device, nchwc)
 
     with tempfile.TemporaryDirectory(prefix="edgeslim-cal-") as tmp:
         work = Path(tmp)
@@ -272,7 +275,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
         kernels += [k for k, _ in track.io]
         meas += [m for _, m in track.io]
         # full mode chooses each type's regressor by cross-validation (about a minute of fitting)
-        model = _fit(kernels, meas, device, select=mode == "full")
+        model = _fit(kernels, meas, device, nchwc, select=mode == "full")
         _fit_chains(model, chains)
     return CalibrationResult(kernels, meas, model, history, chains, track, redo)
 

@@ -211,12 +211,12 @@ def extract_kernels(model: nn.Module, example_input: torch.Tensor) -> list[Kerne
 Edge = tuple[int, int, bool]  # producer kernel index, consumer kernel index, activation between them
 
 
-def boundary_class(producer: Kernel, consumer: Kernel, act: bool) -> str:
+def boundary_class(producer: Kernel, consumer: Kernel, act: bool, block: int) -> str:
     """How two connected kernels meet, which decides what the runtime does between them.
 
     ``q`` is an int8/int4-QDQ Conv/Gemm (quantized tensors in and out), ``c`` a float conv
-    (channels padded to the block; depthwise from 8 channels) or a max pool over a multiple of
-    8 channels (x86 ONNX Runtime runs those in the blocked NCHWc layout, so a chain of them skips
+    (channels padded to the device's NCHWc ``block``; depthwise from one block of channels) or a
+    max pool over a multiple of ``block`` channels (x86 ONNX Runtime runs those in the blocked NCHWc layout, so a chain of them skips
     the layout reorders a lone kernel pays; seen in ONNX Runtime 1.32's optimized graphs), ``f`` any other
     kernel, ``a`` a residual Add (+ReLU; ONNX Runtime folds it into a preceding float conv).
     ``+act`` marks a q>q boundary with an activation in between (dequantize, ReLU,
@@ -224,10 +224,10 @@ def boundary_class(producer: Kernel, consumer: Kernel, act: bool) -> str:
 
     Example:
         >>> a = Kernel("conv", 8, cin=16, cout=16, k=3)
-        >>> boundary_class(a, a, True), boundary_class(a, Kernel("gemm", 32, cin=16, cout=4), False)
+        >>> boundary_class(a, a, True, 8), boundary_class(a, Kernel("gemm", 32, cin=16, cout=4), False, 8)
         ('q>q+act', 'q>f')
     """
-    return boundary_name(kernel_domain(producer), kernel_domain(consumer), act)
+    return boundary_name(kernel_domain(producer, block), kernel_domain(consumer, block), act)
 
 
 def boundary_name(a: str, b: str, act: bool) -> str:
@@ -240,28 +240,31 @@ def boundary_name(a: str, b: str, act: bool) -> str:
     return f"{a}>{b}" + ("+act" if act and a == b == "q" else "")
 
 
-# channel block of ONNX Runtime's NCHWc layout on AVX2 (MLAS); AVX-512 uses 16, and the fitted
-# boundary savings absorb the difference on such devices
-NCHWC_BLOCK = 8
-
-
-def kernel_domain(k: Kernel) -> str:
+def kernel_domain(k: Kernel, block: int) -> str:
     """The side of a boundary a kernel stands on: ``q``, ``c``, ``a`` or ``f`` (see :func:`boundary_class`).
 
+    ``block`` is the channel block of ONNX Runtime's NCHWc layout on the device, probed there
+    (:func:`edgeslim.objectives.devices.probe_nchwc_block`: 8 with AVX2, 16 with AVX-512); 1
+    where ONNX Runtime does not block, and then no kernel stands in the ``c`` domain.
+
     Example:
-        >>> kernel_domain(Kernel("conv", 32, cin=16, cout=32, k=3))
+        >>> kernel_domain(Kernel("conv", 32, cin=16, cout=32, k=3), 8)
         'c'
+        >>> kernel_domain(Kernel("pool", 32, cin=24, cout=24, k=2), 8), kernel_domain(Kernel("pool", 32, cin=24, cout=24, k=2), 16)
+        ('c', 'f')
     """
     if k.op == "add":
         return "a"
     if k.op in ("conv", "gemm") and k.bits <= 8 and not k.weight_only:
         return "q"
-    if k.op == "pool" and k.cin % NCHWC_BLOCK == 0:  # pools inside an NCHWc chain run blocked too
+    if block <= 1:
+        return "f"
+    if k.op == "pool" and k.cin % block == 0:  # pools inside an NCHWc chain run blocked too
         return "c"
     if k.op == "conv" and k.bits == 32:
         # ONNX Runtime pads channels up to the block (a first layer with few input channels reads
         # NCHW directly); depthwise convs go blocked from one block of channels up
-        if k.groups == 1 or (k.groups == k.cin == k.cout and k.cin >= NCHWC_BLOCK):
+        if k.groups == 1 or (k.groups == k.cin == k.cout and k.cin >= block):
             return "c"
     return "f"
 

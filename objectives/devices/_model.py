@@ -35,18 +35,18 @@ BOUNDARY_CLASSES = ("q>q", "q>q+act", "q>c", "q>f", "c>q", "f>q", "c>c", "c>f", 
 PER_MB_CLASSES = frozenset({"c>c", "c>a"})
 
 
-def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge]) -> np.ndarray:
+def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge], block: int) -> np.ndarray:
     """Per boundary class: how many edges of that class, and (for ``PER_MB_CLASSES``) the MB of
-    float tensor they carry.
+    float tensor they carry. ``block``: the device's NCHWc channel block (see :func:`kernel_domain`).
 
     Example:
         >>> k = Kernel("conv", 32, cin=16, cout=16, k=3, h=8, w=8, ho=8, wo=8)
         >>> i = 2 * BOUNDARY_CLASSES.index("c>c")
-        >>> boundary_terms([k, k], [(0, 1, True)])[i:i + 2].tolist()  # 1 edge, 4 KiB
+        >>> boundary_terms([k, k], [(0, 1, True)], 8)[i:i + 2].tolist()  # 1 edge, 4 KiB
         [1.0, 0.004096]
     """
     row = [0.0] * (2 * len(BOUNDARY_CLASSES))  # a list: scalar updates of a numpy array cost more
-    domains = [kernel_domain(k) for k in kernels]
+    domains = [kernel_domain(k, block) for k in kernels]
     if any(k.op == "pool" for k in kernels):
         _quantized_pools(kernels, edges, domains)
     index = _CLASS_INDEX
@@ -238,8 +238,12 @@ class LatencyModel:
     """
 
     def __init__(self, device: str = "", ridge: float = 1e-3, min_tree_points: int = 40,
-                 n_estimators: int = 150, max_depth: int = 3, learning_rate: float = 0.1, seed: int = 0) -> None:
+                 n_estimators: int = 150, max_depth: int = 3, learning_rate: float = 0.1, seed: int = 0,
+                 nchwc_block: int = 1) -> None:
         self.device = device
+        # the device's NCHWc channel block (probed at calibration; 1: no blocking): which kernels
+        # chain in the blocked layout, so which boundary class each edge belongs to
+        self.nchwc_block = nchwc_block
         self.ridge = ridge
         self.min_tree_points = min_tree_points
         self.n_estimators = n_estimators
@@ -416,7 +420,7 @@ class LatencyModel:
         coef = getattr(self, "boundaries_", None)
         if edges and coef is not None:
             # never let the correction remove more than half the kernels' time (extrapolation guard)
-            saving = min(float(boundary_terms(kernels, edges) @ coef), 0.5 * (p50 - over))
+            saving = min(float(boundary_terms(kernels, edges, self.nchwc_block) @ coef), 0.5 * (p50 - over))
             p95, p50 = p95 * (p50 - saving) / p50, p50 - saving
         return p50, p95
 
@@ -482,7 +486,7 @@ class LatencyModel:
         rows, target = [], []
         for kernels, edges, p50, io, lone_ms in chains:
             lone = self.predict(kernels, io)[0] if lone_ms is None else self._io_cost(io) + lone_ms
-            rows.append(boundary_terms(kernels, edges) / p50)
+            rows.append(boundary_terms(kernels, edges, self.nchwc_block) / p50)
             target.append((lone - p50) / p50)
         from scipy.optimize import nnls
 
@@ -510,6 +514,7 @@ class LatencyModel:
         self._check()
         return {
             "features": list(KERNEL_FEATURES),
+            "nchwc_block": self.nchwc_block,
             "overhead_ms": self.overhead_, "overhead_p95_ratio": self.overhead_p95_ratio_,
             "boundary_classes": list(BOUNDARY_CLASSES),
             "boundaries": None if getattr(self, "boundaries_", None) is None else self.boundaries_.tolist(),
@@ -526,7 +531,9 @@ class LatencyModel:
         """Rebuild a fitted model from ``to_dict`` output."""
         if list(d["features"]) != list(KERNEL_FEATURES):
             raise ValueError(f"model.features {d['features']} differ from this version's {list(KERNEL_FEATURES)}")
-        m = cls(device=device)
+        # models fitted before the block was probed classified boundaries with AVX2's block of 8;
+        # they keep it (that is what their boundary savings were fitted with) until refitted
+        m = cls(device=device, nchwc_block=int(d.get("nchwc_block", 8)))
         m.types_ = {
             t: _TypeModel(np.array(v["coef"], float), np.array(v["mean"], float), np.array(v["scale"], float),
                           float(v["intercept"]), TreeEnsemble.from_dict(v["trees"]) if v["trees"] else None,

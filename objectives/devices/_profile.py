@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from edgeslim.objectives.devices._model import LatencyModel
 
 __all__ = ["DEVICES_DIR", "DeviceProfile", "EnergyConstants", "ProfileError", "known_devices", "load_device",
-           "probe_nchwc_block"]
+           "nchwc_block_of", "probe_nchwc_block"]
 
 PROFILE_SCHEMA = "edgeslim.device-profile"
 PROFILE_VERSION = 1
@@ -133,7 +133,8 @@ class DeviceProfile:
 
     def describe(self) -> str:
         """One line for reports: name, id, how latency and energy are obtained."""
-        lat = f"predicted by profile {self.name} ({self.profile_id})" if self.predicts_latency else "measured locally"
+        lat = (f"predicted for {self.name} by its calibrated profile ({self.profile_id})" if self.predicts_latency
+               else "measured locally")
         en = "fitted to a power meter" if self.energy.measured else "estimated from published constants"
         return f"device {self.name}, {self.threads} thread(s): latency {lat}; energy {en}"
 
@@ -269,6 +270,22 @@ def load_device(name: str, threads: int | None = None, devices_dir: Path = DEVIC
 
 
 _NCHWC_BLOCK: list[int] = []  # probed once per process
+
+
+def nchwc_block_of(facts: Mapping[str, Any]) -> tuple[int, str]:
+    """The NCHWc channel block a device's ``facts`` record, and where it came from: ``probed``
+    (calibrated here, :func:`probe_nchwc_block`), else read off the ISA flags the device
+    reported (a kit's device, or a profile calibrated before the probe existed) by ONNX Runtime's
+    MLAS rule (16 with AVX-512 F, 8 with AVX2, 1 where it does not block).
+
+    Example:
+        >>> nchwc_block_of({"nchwc_block": 16}), nchwc_block_of({"isa_flags": ["avx2", "fma"]})
+        ((16, 'probed'), (8, 'from the ISA flags (not probed)'))
+    """
+    if "nchwc_block" in facts:
+        return int(facts["nchwc_block"]), str(facts.get("nchwc_block_source", "probed"))
+    flags = {str(f).lower() for f in facts.get("isa_flags") or []}
+    return (16 if "avx512f" in flags else 8 if "avx2" in flags else 1), "from the ISA flags (not probed)"
 _WARNED: set[tuple[str, str]] = set()
 
 
