@@ -27,7 +27,7 @@ from pathlib import Path
 __all__ = ["compute_slot", "lock_dir", "timing_slot"]
 
 _fds: dict[str, int] = {}
-_depth = {"compute": 0, "timing": 0}
+_held = [0]  # slots this process holds: a nested one is already coordinated
 
 
 def lock_dir() -> Path:
@@ -48,7 +48,29 @@ def _fd(name: str) -> int:
 
 
 @contextlib.contextmanager
-def timing_slot() -> Iterator[None]:
+def _slot(exclusive: bool) -> Iterator[None]:
+    if _held[0]:
+        yield
+        return
+    gate, work = _fd("gate"), _fd("work")
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    fcntl.flock(gate, mode)
+    try:
+        if not exclusive:  # a step only passes the gate: it waits there while a timing holds it
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        fcntl.flock(work, mode)
+        _held[0] += 1
+        try:
+            yield
+        finally:
+            _held[0] -= 1
+            fcntl.flock(work, fcntl.LOCK_UN)
+    finally:
+        if exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+def timing_slot() -> contextlib.AbstractContextManager[None]:
     """Hold the machine for a latency measurement: waits for the fine-tune steps of other
     workers to finish and keeps new ones from starting until the timing is done.
 
@@ -56,25 +78,10 @@ def timing_slot() -> Iterator[None]:
         >>> with timing_slot():
         ...     pass
     """
-    if _depth["timing"] or _depth["compute"]:  # nested in this process: already coordinated
-        yield
-        return
-    gate, work = _fd("gate"), _fd("work")
-    fcntl.flock(gate, fcntl.LOCK_EX)
-    try:
-        fcntl.flock(work, fcntl.LOCK_EX)
-        _depth["timing"] += 1
-        try:
-            yield
-        finally:
-            _depth["timing"] -= 1
-            fcntl.flock(work, fcntl.LOCK_UN)
-    finally:
-        fcntl.flock(gate, fcntl.LOCK_UN)
+    return _slot(exclusive=True)
 
 
-@contextlib.contextmanager
-def compute_slot() -> Iterator[None]:
+def compute_slot() -> contextlib.AbstractContextManager[None]:
     """Hold a share of the machine for one fine-tune or evaluation step; many workers may hold
     it at once, none while a timing runs.
 
@@ -82,16 +89,4 @@ def compute_slot() -> Iterator[None]:
         >>> with compute_slot():
         ...     pass
     """
-    if _depth["timing"] or _depth["compute"]:
-        yield
-        return
-    gate, work = _fd("gate"), _fd("work")
-    fcntl.flock(gate, fcntl.LOCK_SH)
-    fcntl.flock(gate, fcntl.LOCK_UN)
-    fcntl.flock(work, fcntl.LOCK_SH)
-    _depth["compute"] += 1
-    try:
-        yield
-    finally:
-        _depth["compute"] -= 1
-        fcntl.flock(work, fcntl.LOCK_UN)
+    return _slot(exclusive=False)

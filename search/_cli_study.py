@@ -88,7 +88,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not result.front and spec.budgets.active():
         print(f"no completed trial meets the budgets {spec.budgets.active()}; relax them or run more trials")
     print(f"\nreport: {result.report_path}\nfront:  {result.out_dir / 'pareto.json'}  "
-          f"{result.out_dir / 'pareto.csv'}\nstudy:  {shown_url(spec.storage_url)} (re-run the same command to add trials)")
+          f"{result.out_dir / 'pareto.csv'}\nstudy:  {shown_url(spec.storage_url)} "
+          "(re-run the same command to add trials)")
     return result.exit_code
 
 
@@ -98,7 +99,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from edgeslim.search._spec import load_spec, spec_from_dict
     from edgeslim.search._storage import open_storage, shown_url
-    from edgeslim.search._study import run_search
+    from edgeslim.search._study import finished_trials, run_search
     from edgeslim.spaces import SpecError
 
     if args.spec:
@@ -112,10 +113,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         storage = open_storage(args.storage, 60)
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
         name = args.name or (names[0] if len(names) == 1 else None)
-        if name is None or name not in names:
+        if name is None:
+            raise SpecError(f"{shown_url(args.storage)} holds {len(names)} studies ({names}); pass --name")
+        if name not in names:
             raise SpecError(f"no study {name!r} in {shown_url(args.storage)}; studies there: {names or 'none'}; "
-                            "pass --name, or the SPEC to create it" if name else f"{shown_url(args.storage)} holds "
-                            f"{len(names)} studies ({names}); pass --name")
+                            "pass --name, or the SPEC to create it")
         stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get("spec")
         if not isinstance(stored, dict):
             raise SpecError(f"study {name!r} in {shown_url(args.storage)} holds no edgeslim spec; pass the SPEC file")
@@ -123,9 +125,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in (("name", args.name), ("trials", args.trials), ("out_dir", args.out)) if v}
     spec = spec.replace(**changes) if changes else spec
     result = run_search(spec, devices_dir=Path(args.devices_dir), torch_threads=args.torch_threads, role="worker")
-    mine = sum(1 for t in result.study.get_trials(deepcopy=False) if t.state.is_finished())
-    print(f"worker done: study {spec.name!r} in {shown_url(spec.storage_url)} holds {mine} finished trials; its front: "
-          f"edgeslim search with the same spec and storage, or pick/refine on the study folder")
+    done = finished_trials(result.study)
+    print(f"worker done: study {spec.name!r} in {shown_url(spec.storage_url)} holds {done} finished trials; its "
+          "front: edgeslim search with the same spec and storage, or pick/refine on the study folder")
     return result.exit_code
 
 

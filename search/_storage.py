@@ -17,7 +17,7 @@ import optuna
 
 from edgeslim.spaces import SpecError
 
-__all__ = ["file_lock", "open_storage", "shown_url", "study_lock"]
+__all__ = ["file_lock", "open_storage", "shared_storage", "shown_url", "study_lock"]
 
 # a SQLite writer waits this long for another process's write to finish instead of failing with
 # "database is locked" (Python's default is 5 s; a worker may be mid-commit of a large trial row)
@@ -29,6 +29,17 @@ STATS_ENV = "EDGESLIM_STORAGE_STATS"
 
 def _is_rdb(url: str) -> bool:
     return url.startswith(("sqlite:", "postgresql", "mysql"))
+
+
+def shared_storage(url: str) -> bool:
+    """Whether several processes can work on one study in ``url``: a SQLite file or a database
+    server, not in-memory storage.
+
+    Example:
+        >>> shared_storage("sqlite:///studies/x/study.db"), shared_storage("sqlite:///:memory:")
+        (True, False)
+    """
+    return _is_rdb(url) and ":memory:" not in url
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -92,10 +103,9 @@ def _count_statements(storage: optuna.storages.RDBStorage, out: Path) -> None:
     (client side: round trip, server work and waiting on locks); one JSON line at exit."""
     import atexit
     import json
+    import threading
 
     from sqlalchemy import event
-
-    import threading
 
     stats = {"pid": os.getpid(), "statements": 0, "seconds": 0.0}
     started: dict[int, float] = {}  # per thread: the heartbeat thread writes too
@@ -176,24 +186,22 @@ def study_lock(url: str, name: str) -> Iterator[None]:
         return
     import sqlalchemy as sa
 
-    key = zlib.crc32(f"edgeslim:{name}".encode()) - 2**31  # pg advisory keys are signed 64-bit
+    if url.startswith("postgresql"):  # advisory keys are signed 64-bit
+        lock, unlock, params = ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)",
+                                {"k": zlib.crc32(f"edgeslim:{name}".encode()) - 2**31})
+    else:
+        lock, unlock, params = "SELECT GET_LOCK(:k, 600)", "SELECT RELEASE_LOCK(:k)", {"k": f"edgeslim:{name}"[:64]}
     try:
         engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
         conn = engine.connect()
     except Exception as e:  # noqa: BLE001
         raise _unreachable(url, e) from None
     try:
-        if url.startswith("postgresql"):
-            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-        else:
-            conn.execute(sa.text("SELECT GET_LOCK(:k, 600)"), {"k": f"edgeslim:{name}"[:64]})
+        conn.execute(sa.text(lock), params)
         try:
             yield
         finally:
-            if url.startswith("postgresql"):
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            else:
-                conn.execute(sa.text("SELECT RELEASE_LOCK(:k)"), {"k": f"edgeslim:{name}"[:64]})
+            conn.execute(sa.text(unlock), params)
     finally:
         conn.close()
         engine.dispose()

@@ -24,7 +24,7 @@ from edgeslim.search._objective import CompressionObjective
 from edgeslim.search._progress import Progress
 from edgeslim.search._registry import SAMPLERS
 from edgeslim.search._spec import StudySpec, spec_fingerprint
-from edgeslim.search._storage import open_storage, shown_url, study_lock
+from edgeslim.search._storage import open_storage, shared_storage, shown_url, study_lock
 from edgeslim.search._workloads import Workload, load_workload
 from edgeslim.spaces import CompressionSpace, SpecError
 
@@ -203,7 +203,13 @@ class StopRequest:
         return 128 + self.signum if self.signum is not None else 0
 
 
-def _finished(study: optuna.Study) -> int:
+def finished_trials(study: optuna.Study) -> int:
+    """Trials of ``study`` that ended (complete, failed or pruned), whichever worker ran them.
+
+    Example:
+        >>> finished_trials(optuna.create_study())
+        0
+    """
     return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
 
 
@@ -254,8 +260,7 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
     say = log or (lambda msg: print(msg, file=stream))
     if jobs < 1:
         raise SpecError(f"jobs must be >= 1, got {jobs}")
-    if jobs > 1 and (":memory:" in spec.storage_url or not spec.storage_url.startswith(("sqlite:", "postgresql",
-                                                                                          "mysql"))):
+    if jobs > 1 and not shared_storage(spec.storage_url):
         raise SpecError(f"--jobs {jobs} needs storage that several processes share (a SQLite file or PostgreSQL), "
                         f"not {shown_url(spec.storage_url)}; leave --storage out for SQLite in the study folder")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -285,10 +290,10 @@ def run_search(spec: StudySpec, stream: TextIO | None = None, log: Callable[[str
            f"fine-tune steps waiting meanwhile; logs {out_dir}/worker-*.log" if len(shares) > 1 else ""))
     progress = Progress(spec.trials, "trials", stream=stream)
     progress.update(0, "starting")
-    done_before, mine = _finished(study), [0]
+    done_before, mine = finished_trials(study), [0]
 
     def done() -> int:  # with local workers: the whole study's progress since this run began
-        return min(_finished(study) - done_before, spec.trials) if len(shares) > 1 else mine[0]
+        return min(finished_trials(study) - done_before, spec.trials) if len(shares) > 1 else mine[0]
 
     def report_progress(study: optuna.Study, trial: FrozenTrial) -> None:
         mine[0] += 1

@@ -375,7 +375,6 @@ def load_workload(spec: StudySpec, out_dir: str | Path, log: Callable[[str], Non
             else:
                 log(f"training the {spec.model.builtin} base model ({key['epochs']} epochs, cached in {cache})")
                 acc = train_base(model, data, key["epochs"], spec.seed)
-                out_dir.mkdir(parents=True, exist_ok=True)
                 tmp = cache.with_suffix(f".{os.getpid()}.tmp")
                 torch.save({"state_dict": model.state_dict(), "accuracy": acc,
                             "key": json.dumps(key, sort_keys=True)}, tmp)
