@@ -33,6 +33,8 @@ _EXPORTS = {
     "seed_study": "_sensitivity", "sensitivity_profile": "_sensitivity", "solve_front": "_sensitivity",
     "fit_surrogate": "_sensitivity", "surrogate_quality": "_sensitivity", "SensitivityProfile": "_sensitivity",
     "KnobEffect": "_sensitivity", "ReseedCallback": "_sensitivity",
+    "structure_networks": "_structures", "random_structure": "_structures",
+    "focus_networks": "_check",
     "optimize_seeded": "_sensitivity", "load_profile": "_sensitivity", "Surrogate": "_sensitivity", "SeedResult": "_sensitivity",
     # the exception tree lives at the bottom of the import graph (edgeslim.spaces)
     "EdgeslimError": "edgeslim.spaces", "SpecError": "edgeslim.spaces", "SpaceError": "edgeslim.spaces",

@@ -70,6 +70,15 @@ def _focus(args: argparse.Namespace, targets: list[str], mode: str, net_dir: Pat
     return focus, {"plans": plans, "kernels": len(focus), "networks": len(networks)}, networks
 
 
+def _structures(mode: str, net_dir: Path, seed: int) -> list[Any]:
+    """The random whole networks a calibration of ``mode`` measures (exported into ``net_dir``)."""
+    from edgeslim.search._progress import Progress
+    from edgeslim.search._structures import STRUCTURES, structure_networks
+
+    bar = Progress(STRUCTURES[mode], "structure networks exported")
+    return structure_networks(STRUCTURES[mode], net_dir, seed, lambda done, total: bar.update(done))
+
+
 def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
     import os
 
@@ -105,8 +114,9 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
         built = kit_profile(data, args.device, args.fit)
     else:
         focus, focus_info, networks = _focus(args, targets, mode, net_dir) if targets else ([], None, [])
+        structures = _structures(mode, net_dir, args.seed or 0)
         if args.kit:
-            kit = write_kit(Path(args.kit), threads, mode, args.seed or 0, focus, focus_info, networks)
+            kit = write_kit(Path(args.kit), threads, mode, args.seed or 0, focus, focus_info, networks, structures)
             n = len(list((kit / "models").glob("*.onnx")))
             print(f"wrote kit {kit} ({n} micro-models, {mode} design, {threads} thread(s)). On the device:\n"
                   f"  1. copy {kit} there; it needs Python 3, numpy and onnxruntime only\n"
@@ -127,7 +137,7 @@ def _calibrate_with(args: argparse.Namespace, net_dir: Path) -> int:
         try:
             built = calibrate_profile(args.device, threads, mode, args.seed or 0, focus=focus, networks=networks,
                                       focus_info=focus_info, power=reader, meter=meter, progress=progress,
-                                      say=lambda text: print(f"\n{text}", file=sys.stderr))
+                                      say=lambda text: print(f"\n{text}", file=sys.stderr), structures=structures)
         finally:
             if reader is not None and hasattr(reader, "close"):
                 reader.close()

@@ -16,7 +16,7 @@ from torch import nn
 from edgeslim.objectives import (
     DeviceProfile, Kernel, LatencyModel, ProfileError, extract_kernels, kernel_type, known_devices, load_device,
 )
-from edgeslim.objectives.devices import _calibrate, _kits, _micro, _runner
+from edgeslim.objectives.devices import _calibrate, _kits, _micro, _runner, extract_graph, nchwc_block_of
 from edgeslim.objectives.devices._model import BOUNDARY_CLASSES, TreeEnsemble
 from edgeslim.objectives.devices._power import RaplReader, find_rapl
 from edgeslim.search import DigitsResNet
@@ -372,7 +372,8 @@ def test_boundary_classes_follow_the_devices_nchwc_block():
     model.nchwc_block = 16
     assert LatencyModel.from_dict(model.to_dict()).nchwc_block == 16
     legacy = {k: v for k, v in model.to_dict().items() if k != "nchwc_block"}
-    assert LatencyModel.from_dict(legacy).nchwc_block == 8  # what models fitted before the probe used
+    with pytest.raises(ValueError, match="nchwc_block is missing"):  # refit, see the profile-level test
+        LatencyModel.from_dict(legacy)
 
 
 def test_the_block_comes_from_the_probe_or_the_reported_isa():
@@ -403,9 +404,15 @@ def test_boundary_fit_on_measured_lone_kernels_ignores_kernel_model_error():
     i = 2 * BOUNDARY_CLASSES.index("f>f")
     model.fit_boundaries(chains)
     assert model.boundaries_[i] == pytest.approx(0.002, rel=0.05)
+    assert abs(model.kernel_costs_).max() < 1e-4  # and no in-network kernel cost
     model.fit_boundaries([c[:4] + (None,) for c in chains])
-    # the model's 20 % error, partly mistaken for boundary savings
-    assert abs(model.boundaries_[i] - 0.002) > 0.1 * 0.002
+    # the model's 20 % error, mistaken for in-network effects: each chain's fitted correction is
+    # far from its true saving of 2 us per boundary
+    from edgeslim.objectives.devices._model import boundary_terms, domain_counts
+
+    for ks, edges, *_ in chains[:10]:
+        fitted = boundary_terms(ks, edges, 8) @ model.boundaries_ - domain_counts(ks, edges, 8) @ model.kernel_costs_
+        assert abs(fitted - 0.002 * len(edges)) > 0.1 * 0.002 * len(edges)
 
 
 def test_uncovered_kernel_type_is_an_error_naming_layer_and_device():
@@ -583,9 +590,14 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(_kits, "MODES", {"quick": (3, 0, 0, 0), "full": (3, 0, 0, 0)})
     monkeypatch.setattr(_kits, "CHAINS", {"quick": 25, "full": 25})
     monkeypatch.setattr(_kits, "TRACK_EVERY", 40)
+    from edgeslim.search import _structures
+
+    monkeypatch.setitem(_structures.STRUCTURES, "quick", 2)
     kit = tmp_path / "kit"
     assert main(["calibrate", "--kit", str(kit)]) == 0
     manifest = json.loads((kit / "kit.json").read_text())
+    structures = [e for e in manifest["entries"] if e.get("structure")]
+    assert len(structures) == 2 and all((kit / e["file"]).is_file() and "parts" not in e for e in structures)
     assert manifest["kit_version"] == _runner.KIT_VERSION and (kit / "run_kit.py").is_file()
     entries = manifest["entries"]
     chains = [e for e in entries if "chain" in e]
@@ -607,7 +619,7 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     # each timing also measures the Identity (overhead) models
     io = [e for e in entries if e.get("kernel", {}).get("op") == "io"]
     assert len(io) == len(runs) * len(_micro.IO_SIZES)
-    assert len(entries) == len(io) + 3 * len(_micro.KERNEL_TYPES) + 25 + parts + refs
+    assert len(entries) == len(io) + 3 * len(_micro.KERNEL_TYPES) + 25 + parts + refs + len(structures)
     for e in chains:  # each chain's kernels are in the kit alone too, timed together with it
         assert [entries[i]["kernel"] for i in e["parts"]] == e["chain"]["kernels"]
         assert {entries[i]["group"] for i in e["parts"]} == {e["group"]}
@@ -632,8 +644,9 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     assert profile.predicts_latency and len(profile.latency_model.types_) == len(_micro.KERNEL_TYPES)
     assert profile.latency_model.boundaries_ is not None  # the kit's chains fitted the boundary terms
     saved = json.loads((devices / "remote.json").read_text())
-    stored = saved["chains"]
+    stored = [c for c in saved["chains"] if "chain" in c]
     assert len(stored) == 25 and all(len(c["lone"]) == len(c["chain"]["kernels"]) for c in stored)
+    assert sum("network" in c and "lone" not in c for c in saved["chains"]) == 2  # the structures, whole
     assert len(saved["reference"]["p50_ms"]) == len(_calibrate.REFERENCE_KERNELS)
     assert len(saved["speed_track"]["points"]) == len(runs)  # the device's speed over the run
     # the overhead curve: one point per Identity size, the median of its timings over the run
@@ -702,6 +715,9 @@ def test_local_calibration_end_to_end(tmp_path, monkeypatch):
     from edgeslim.search import _check
 
     monkeypatch.setitem(_check.FOCUS_PLANS, "quick", {"min": 2, "max": 2, "seconds": 0.0, "networks": 3})
+    from edgeslim.search import _structures
+
+    monkeypatch.setitem(_structures.STRUCTURES, "quick", 3)
     assert main(["calibrate", "--device", "tiny", "--devices-dir", str(tmp_path), "--for", "digits-cnn"]) == 0
     profile = load_device("tiny", devices_dir=tmp_path)
     data = json.loads((tmp_path / "tiny.json").read_text())
@@ -709,7 +725,11 @@ def test_local_calibration_end_to_end(tmp_path, monkeypatch):
     assert len(chains) == 12 and len(data["rounds"]) == 1
     assert all(len(c["lone"]) == len(c["chain"]["kernels"]) for c in chains)
     # whole candidates of the focus model were exported and measured, and joined the boundary fit
-    nets = [c for c in data["chains"] if "network" in c]
+    # random structure networks were measured whole (no parts) and fitted the in-network kernel costs
+    structures = [c for c in data["chains"] if c.get("structure")]
+    assert len(structures) == 3 and all("lone" not in c and c["p50_ms"] > 0 for c in structures)
+    assert len(data["model"]["kernel_costs"]) == 4
+    nets = [c for c in data["chains"] if "network" in c and not c.get("structure")]
     assert [n["network"]["name"] for n in nets] == ["digits-cnn/dense", "digits-cnn/int8", "digits-cnn/random0"]
     assert all(n["p50_ms"] > 0 and len(n["network"]["edges"]) >= len(n["network"]["kernels"]) - 1 for n in nets)
     measured_shapes = {Kernel(**m["kernel"]).shape for m in data["measurements"]}
@@ -892,3 +912,65 @@ def test_tail_mix_is_recovered_from_measured_p95(truth):
     d["tail_mix"] = 1.5
     with pytest.raises(ValueError, match="tail_mix"):
         LatencyModel.from_dict(d)
+
+
+def test_in_network_kernel_costs_are_fitted_with_their_sign():
+    """Chains whose kernels each cost 3 us more inside a network than alone (what a lone micro-model
+    hides in its per-inference overhead) and save 2 us per boundary: the fit finds both, the cost
+    positive, and predictions with edges carry them; the profile form keeps them."""
+    from edgeslim.objectives.devices._model import KERNEL_DOMAINS
+
+    model, _ = _synthetic_model()
+    chains = [(ks, edges, p50 + 0.003 * len(ks), io, lone) for ks, edges, p50, io, lone in _gemm_chains(model, 6, 1.0)]
+    model.fit_boundaries(chains)
+    f = KERNEL_DOMAINS.index("f")
+    assert model.kernel_costs_[f] == pytest.approx(0.003, rel=0.1)
+    assert model.boundaries_[2 * BOUNDARY_CLASSES.index("f>f")] == pytest.approx(0.002, rel=0.15)
+    ks, edges, p50, _, _ = chains[0]
+    assert model.predict(ks, 0, edges)[0] == pytest.approx(p50, rel=0.02)
+    again = LatencyModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again.kernel_costs_.tolist() == model.kernel_costs_.tolist()
+
+
+def test_a_profile_from_an_older_edgeslim_is_refused_with_the_refit_command(tmp_path, capsys):
+    """A profile whose model lacks the probed block and in-network costs: one line naming
+    `calibrate --refit`, exit 2; the refit (from its stored measurements) makes it load again."""
+    doc = json.loads((Path(__file__).resolve().parents[1] / "studies/devices/dev-vm-1t.json").read_text())
+    doc["name"] = "old"
+    for key in ("kernel_costs", "kernel_domains", "nchwc_block"):
+        doc["model"].pop(key)
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match=r"older edgeslim .* `edgeslim calibrate --refit --device old`"):
+        load_device("old", devices_dir=tmp_path)
+    assert main(["check-latency", "--device", "old", "--devices-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "calibrate --refit --device old" in err and "Traceback" not in err
+    assert main(["calibrate", "--refit", "--device", "old", "--devices-dir", str(tmp_path)]) == 0
+    model = load_device("old", devices_dir=tmp_path).latency_model
+    assert model is not None and model.nchwc_block == nchwc_block_of(doc["facts"])[0]
+
+
+def test_structure_networks_are_exported_candidates_of_three_families(tmp_path):
+    """Random networks for calibration: every family drawn, each under the size caps, exported as a
+    candidate ships (runs in ONNX Runtime), its kernels and edges read off the realized module."""
+    import onnxruntime as ort
+
+    from edgeslim.search._structures import (_MAX_MACS, _MAX_WEIGHTS, STRUCTURE_FAMILIES, random_structure,
+                                             structure_networks)
+
+    rng = np.random.default_rng(3)
+    families = set()
+    for _ in range(12):
+        family, model, x = random_structure(rng)
+        families.add(family)
+        ks, edges = extract_graph(model, x)
+        assert sum(k.macs for k in ks) <= _MAX_MACS and sum(k.weight_elems for k in ks) <= _MAX_WEIGHTS
+        assert all(0 <= a < b < len(ks) for a, b, _ in edges)
+    assert families == set(STRUCTURE_FAMILIES)
+    nets = structure_networks(2, tmp_path, seed=5)
+    assert len(nets) == 2 and len({n["path"] for n in nets}) == 2
+    for n in nets:
+        sess = ort.InferenceSession(n["path"], providers=["CPUExecutionProvider"])
+        shape = sess.get_inputs()[0].shape
+        out = sess.run(None, {sess.get_inputs()[0].name: np.zeros(shape, np.float32)})[0]
+        assert out.shape == (1, n["kernels"][-1].cout)

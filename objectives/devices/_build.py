@@ -78,7 +78,8 @@ def calibrate_profile(name: str, threads: int, mode: str = "quick", seed: int = 
                       focus: Sequence[Kernel] = (), networks: Sequence[Mapping[str, Any]] = (),
                       focus_info: Mapping[str, Any] | None = None, power: Any = None, meter: str = "none",
                       progress: Callable[[int, int], None] = lambda d, t: None,
-                      say: Callable[[str], None] = lambda m: None) -> BuiltProfile:
+                      say: Callable[[str], None] = lambda m: None,
+                      structures: Sequence[Mapping[str, Any]] = ()) -> BuiltProfile:
     """Calibrate this machine as device ``name`` (see :func:`calibrate`) and assemble its profile;
     with a ``power`` reader (RAPL or a power command, described by ``meter``) the energy
     constants are fitted to its readings.
@@ -90,7 +91,7 @@ def calibrate_profile(name: str, threads: int, mode: str = "quick", seed: int = 
     created = _now()
     block = probe_nchwc_block()  # what the boundary classes use, and [space] channel_multiple = 0 rounds to
     result = _calibrate.calibrate(name, threads, mode, seed, progress, power, focus=focus, networks=networks, say=say,
-                                  block=block)
+                                  block=block, structures=structures)
     facts = _runner.device_facts(threads)
     facts["nchwc_block"] = block
     energy = EnergyConstants()

@@ -204,7 +204,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
               progress: Callable[[int, int], None] | None = None, energy_reader: Any = None,
               types: Sequence[str] = KERNEL_TYPES, focus: Sequence[Kernel] = (),
               networks: Sequence[Mapping[str, Any]] = (), say: Callable[[str], None] | None = None,
-              block: int | None = None) -> CalibrationResult:
+              block: int | None = None, structures: Sequence[Mapping[str, Any]] = ()) -> CalibrationResult:
     """Measure an initial design, then adaptively add points where the model errs most.
 
     Each round draws fresh validation kernels, records the current model's error on them
@@ -213,6 +213,9 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
     initial design: the model is then exact where the search will ask it most. ``networks``
     (``{"name", "path", "kernels", "edges"}``: whole candidates of those models, exported as
     they would ship) are measured after the chains and fit the boundary savings with them.
+    ``structures`` (the same form: random whole networks of the shapes real models have, see
+    ``edgeslim.search.structure_networks``) are measured whole only, and fit the boundary savings
+    and in-network kernel costs against the kernel model's own predictions.
     ``block``: the NCHWc channel block the boundary classes use (default: probed here).
 
     Measurements taken while the device ran more than ``EXCURSION`` off its usual speed (the
@@ -223,7 +226,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
     rng = np.random.default_rng(seed + 1)
     drawn = [random_chain(rng) for _ in range(CHAINS[mode])]
     total = len(types) * (per_type + rounds * (n_val + n_nb)) + sum(len(ks) + 1 for ks, _ in drawn)
-    total += len(focus) + sum(len(n["kernels"]) + 1 for n in networks)
+    total += len(focus) + sum(len(n["kernels"]) + 1 for n in networks) + len(structures)
     done = 0
 
     def tick() -> None:
@@ -252,6 +255,10 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
                                                                        energy_reader, track, networks)
         kernels += lone_kernels
         meas += lone_meas
+        whole, whole_units = _measure_structures(structures, threads, work, len(kernels) + 10_000_000, tick,
+                                                 energy_reader, track)
+        chains += whole
+        chain_units += whole_units
         model = fit_so_far()
         history = []
         for r in range(rounds):
@@ -379,6 +386,17 @@ def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: i
         lone_kernels += ks
         lone_meas += parts
     return records, lone_kernels, lone_meas, units
+
+
+def _measure_structures(structures: Sequence[Mapping[str, Any]], threads: int, workdir: Path, offset: int,
+                        tick: Callable[[], None], energy_reader: Any = None, track: SpeedTrack | None = None,
+                        ) -> tuple[list[dict[str, Any]], list[_Unit]]:
+    """Whole networks timed ``GROUP`` at a time (interleaved), without their parts alone: they fit
+    what the kernel model's sum misses inside a network. Returns their records and units."""
+    builders = [functools.partial(_load, str(net["path"])) for net in structures]
+    meas = _measure_models(builders, threads, workdir, offset, tick, energy_reader, track)
+    records = [{"network": network_record(net), "structure": True, **m} for net, m in zip(structures, meas)]
+    return records, [_Unit([b], [r]) for b, r in zip(builders, records)]
 
 
 def _fit_chains(model: LatencyModel, chains: Sequence[dict[str, Any]]) -> None:

@@ -54,12 +54,14 @@ def seal_kit(kit_dir: Path, identity: Any, fields: Mapping[str, Any]) -> Path:
 
 
 def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, focus: Sequence[Kernel] = (),
-              focus_info: Mapping[str, Any] | None = None, networks: Sequence[Mapping[str, Any]] = ()) -> Path:
+              focus_info: Mapping[str, Any] | None = None, networks: Sequence[Mapping[str, Any]] = (),
+              structures: Sequence[Mapping[str, Any]] = ()) -> Path:
     """A self-contained kit: micro-models, ``kit.json`` and ``run_kit.py`` (numpy + onnxruntime).
 
     Remote devices cannot refit between rounds, so the kit holds a fixed design the size of the
     mode's whole adaptive budget, plus the ``focus`` kernels, the chains and the focus
-    ``networks`` (each timed together with its kernels alone); the reference kernels and the
+    ``networks`` (each timed together with its kernels alone), then the ``structures`` (random
+    whole networks, timed whole, ``GROUP`` at a time); the reference kernels and the
     Identity (overhead) models are timed at the start, every ``TRACK_EVERY`` models and at the
     end. Entries with the same ``group`` are timed together, interleaved.
     """
@@ -122,6 +124,13 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
         add_with_parts(f"n{j:03d}", {"network": network_record(net)},
                        [dataclasses.replace(k, layer="") for k in net["kernels"]],
                        lambda p, net=net: shutil.copyfile(net["path"], p))
+    for j, net in enumerate(structures):  # random whole networks, timed whole
+        if time_reference() or j % GROUP == 0:
+            g = new_group()
+        name = f"models/s{j:03d}.onnx"
+        shutil.copyfile(net["path"], kit_dir / name)
+        entries.append({"file": name, "network": network_record(net), "structure": True, "group": g})
+        since += 1
     time_reference(force=True)
     return seal_kit(kit_dir, entries, {"mode": mode, "threads": threads, "protocol": _runner.PROTOCOL,
                                        "entries": entries, **({"focus": dict(focus_info)} if focus_info else {})})

@@ -25,7 +25,7 @@ from edgeslim.objectives.devices._kernels import (KERNEL_FEATURES, Edge, Kernel,
                                           kernel_matrix, kernel_type)
 from edgeslim.spaces import ObjectiveError
 
-__all__ = ["BOUNDARY_CLASSES", "LatencyModel", "TreeEnsemble", "boundary_terms"]
+__all__ = ["BOUNDARY_CLASSES", "KERNEL_DOMAINS", "LatencyModel", "TreeEnsemble", "boundary_terms", "domain_counts"]
 
 MIN_KERNEL_MS = 1e-4
 BOUNDARY_CLASSES = ("q>q", "q>q+act", "q>c", "q>f", "c>q", "f>q", "c>c", "c>f", "f>c", "f>f",
@@ -33,6 +33,10 @@ BOUNDARY_CLASSES = ("q>q", "q>q+act", "q>c", "q>f", "c>q", "f>q", "c>c", "c>f", 
 # where a boundary's saving grows with the tensor crossing it: layout reorders inside an NCHWc
 # chain and an Add folded into the conv before it; elsewhere it is a fixed per-node saving
 PER_MB_CLASSES = frozenset({"c>c", "c>a"})
+# the sides of a boundary (see kernel_domain): each kernel of a network pays an in-network cost
+# per domain that lone micro-models cannot show (their per-node dispatch is inside the measured
+# per-inference overhead); fitted, either sign, from chains and whole networks
+KERNEL_DOMAINS = ("q", "c", "f", "a")
 
 
 def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge], block: int) -> np.ndarray:
@@ -57,6 +61,21 @@ def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge], block: int)
             k = kernels[a]
             row[2 * c + 1] += k.cout * k.ho * k.wo * 4e-6
     return np.array(row)
+
+
+def domain_counts(kernels: Sequence[Kernel], edges: Sequence[Edge], block: int) -> np.ndarray:
+    """How many of ``kernels`` stand in each of :data:`KERNEL_DOMAINS` (max pools between two
+    int8 convs count as ``q``, as in :func:`boundary_terms`).
+
+    Example:
+        >>> q = Kernel("conv", 8, cin=16, cout=16, k=3, h=8, w=8, ho=8, wo=8)
+        >>> domain_counts([q, q, Kernel("gemm", 32, cin=16, cout=4)], [(0, 1, True), (1, 2, False)], 16).tolist()
+        [2.0, 0.0, 1.0, 0.0]
+    """
+    domains = [kernel_domain(k, block) for k in kernels]
+    if any(k.op == "pool" for k in kernels):
+        _quantized_pools(kernels, edges, domains)
+    return np.array([float(domains.count(d)) for d in KERNEL_DOMAINS])
 
 
 def _quantized_pools(kernels: Sequence[Kernel], edges: Sequence[Edge], domains: list[str]) -> None:
@@ -292,6 +311,7 @@ class LatencyModel:
         self._cache: dict[Kernel, tuple[float, float]] = {}
         self._stack = None
         self.boundaries_: np.ndarray | None = None
+        self.kernel_costs_ = np.zeros(len(KERNEL_DOMAINS))
         self.tail_mix_ = 1.0
         return self
 
@@ -419,8 +439,10 @@ class LatencyModel:
         p95 = p50 + self._tail(tails)
         coef = getattr(self, "boundaries_", None)
         if edges and coef is not None:
+            saving = float(boundary_terms(kernels, edges, self.nchwc_block) @ coef)
+            saving -= float(domain_counts(kernels, edges, self.nchwc_block) @ self.kernel_costs_)
             # never let the correction remove more than half the kernels' time (extrapolation guard)
-            saving = min(float(boundary_terms(kernels, edges, self.nchwc_block) @ coef), 0.5 * (p50 - over))
+            saving = min(saving, 0.5 * (p50 - over))
             p95, p50 = p95 * (p50 - saving) / p50, p50 - saving
         return p50, p95
 
@@ -471,33 +493,44 @@ class LatencyModel:
         return self
 
     def fit_boundaries(self, chains: Sequence[tuple[Sequence[Kernel], Sequence[Edge], float, float, float | None]],
-                       ridge: float = 1e-2) -> LatencyModel:
-        """Fit per-boundary-class savings (fixed + per MB) from measured kernel chains.
+                       ridge: float = 1e-4) -> LatencyModel:
+        """Fit per-boundary-class savings (fixed + per MB) and per-domain in-network kernel costs
+        from measured kernel chains and whole networks.
 
         Each chain is ``(kernels, edges, p50_ms, io_bytes, lone_ms)``: ``lone_ms`` is the sum of
         its kernels' measured lone times (overhead excluded), or None to use the model's
         predictions instead. The target is what the lone-kernel sum over-predicts, fitted by
-        non-negative ridge least squares weighted for relative error.
+        ridge least squares weighted for relative error: savings non-negative, the per-kernel
+        costs (``kernel_costs_``, ms per kernel of each of :data:`KERNEL_DOMAINS`) of either sign.
         """
         self._check()
+        self.kernel_costs_ = np.zeros(len(KERNEL_DOMAINS))
         if not chains:
             self.boundaries_ = None
             return self
         rows, target = [], []
         for kernels, edges, p50, io, lone_ms in chains:
             lone = self.predict(kernels, io)[0] if lone_ms is None else self._io_cost(io) + lone_ms
-            rows.append(boundary_terms(kernels, edges, self.nchwc_block) / p50)
+            counts = domain_counts(kernels, edges, self.nchwc_block)
+            # a cost is a negative saving; two columns (cost, refund) let non-negative least
+            # squares give it either sign
+            rows.append(np.concatenate([boundary_terms(kernels, edges, self.nchwc_block), -counts, counts]) / p50)
             target.append((lone - p50) / p50)
         from scipy.optimize import nnls
 
         a, y = np.array(rows), np.array(target)
         scale = np.maximum(np.abs(a).max(axis=0), 1e-12)
         z = a / scale
-        # non-negative: a chain never pays more than its lone kernels did (they each paid their own
-        # reorders, quantize/dequantize and dispatch); ridge rows keep sparse classes near zero
+        # non-negative: a boundary never costs more than the lone kernels' own reorders,
+        # quantize/dequantize and dispatch; ridge rows keep sparse classes near zero. Kept light:
+        # chains have one edge fewer than kernels, so a heavier penalty shares a per-edge saving
+        # out between edge and kernel terms (same predictions, meaningless terms)
         k = z.shape[1]
         coef, _ = nnls(np.vstack([z, math.sqrt(ridge * len(y)) * np.eye(k)]), np.concatenate([y, np.zeros(k)]))
-        self.boundaries_ = coef / scale
+        coef = coef / scale
+        nb, nd = 2 * len(BOUNDARY_CLASSES), len(KERNEL_DOMAINS)
+        self.boundaries_ = coef[:nb]
+        self.kernel_costs_ = coef[nb:nb + nd] - coef[nb + nd:]
         return self
 
     def predict_module(self, module: Any, example_input: Any) -> tuple[float, float, int]:
@@ -518,6 +551,7 @@ class LatencyModel:
             "overhead_ms": self.overhead_, "overhead_p95_ratio": self.overhead_p95_ratio_,
             "boundary_classes": list(BOUNDARY_CLASSES),
             "boundaries": None if getattr(self, "boundaries_", None) is None else self.boundaries_.tolist(),
+            "kernel_domains": list(KERNEL_DOMAINS), "kernel_costs": self.kernel_costs_.tolist(),
             "tail_mix": getattr(self, "tail_mix_", 1.0),
             "types": {t: {"coef": m.coef.tolist(), "mean": m.mean.tolist(), "scale": m.scale.tolist(),
                           "intercept": m.intercept, "p95_ratio": m.p95_ratio, "n": m.n,
@@ -531,9 +565,10 @@ class LatencyModel:
         """Rebuild a fitted model from ``to_dict`` output."""
         if list(d["features"]) != list(KERNEL_FEATURES):
             raise ValueError(f"model.features {d['features']} differ from this version's {list(KERNEL_FEATURES)}")
-        # models fitted before the block was probed classified boundaries with AVX2's block of 8;
-        # they keep it (that is what their boundary savings were fitted with) until refitted
-        m = cls(device=device, nchwc_block=int(d.get("nchwc_block", 8)))
+        if "nchwc_block" not in d:
+            raise ValueError("model.nchwc_block is missing (a profile from an older edgeslim, fitted before the "
+                             "NCHWc block was probed)")
+        m = cls(device=device, nchwc_block=int(d["nchwc_block"]))
         m.types_ = {
             t: _TypeModel(np.array(v["coef"], float), np.array(v["mean"], float), np.array(v["scale"], float),
                           float(v["intercept"]), TreeEnsemble.from_dict(v["trees"]) if v["trees"] else None,
@@ -549,6 +584,13 @@ class LatencyModel:
         if b is not None and (list(d.get("boundary_classes", [])) != list(BOUNDARY_CLASSES) or len(b) != 2 * len(BOUNDARY_CLASSES)):
             raise ValueError(f"model.boundaries must hold 2 values for each of {list(BOUNDARY_CLASSES)}")
         m.boundaries_ = None if b is None else np.array(b, float)
+        costs = d.get("kernel_costs")
+        if costs is None:
+            raise ValueError("model.kernel_costs is missing (a profile from an older edgeslim, fitted without "
+                             "in-network kernel costs)")
+        if list(d.get("kernel_domains", [])) != list(KERNEL_DOMAINS) or len(costs) != len(KERNEL_DOMAINS):
+            raise ValueError(f"model.kernel_costs must hold one value for each of {list(KERNEL_DOMAINS)}")
+        m.kernel_costs_ = np.array(costs, float)
         m.tail_mix_ = float(d.get("tail_mix", 1.0))  # profiles from before it was fitted: tails added
         if not 0.0 <= m.tail_mix_ <= 1.0:
             raise ValueError(f"model.tail_mix must lie between 0 and 1, not {m.tail_mix_}")
