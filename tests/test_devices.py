@@ -17,7 +17,9 @@ from edgeslim.objectives import (
     DeviceProfile, Kernel, LatencyModel, ProfileError, extract_kernels, kernel_type, known_devices, load_device,
 )
 from edgeslim.objectives.devices import _calibrate, _kits, _micro, _runner, extract_graph, nchwc_block_of
-from edgeslim.objectives.devices._model import BOUNDARY_CLASSES, TreeEnsemble
+from edgeslim.objectives.devices._kernels import kernel_domain
+from edgeslim.objectives.devices._layout import Layout, layout_of, probe_layout
+from edgeslim.objectives.devices._model import BOUNDARY_CLASSES, TreeEnsemble, boundary_terms
 from edgeslim.objectives.devices._power import RaplReader, find_rapl
 from edgeslim.search import DigitsResNet
 from edgeslim.search.cli import main
@@ -369,11 +371,31 @@ def test_boundary_classes_follow_the_devices_nchwc_block():
     assert classes(16) == {"c>f", "f>c"}
     assert classes(1) == {"f>f"}
     model, _ = _synthetic_model()
-    model.nchwc_block = 16
-    assert LatencyModel.from_dict(model.to_dict()).nchwc_block == 16
-    legacy = {k: v for k, v in model.to_dict().items() if k != "nchwc_block"}
-    with pytest.raises(ValueError, match="nchwc_block is missing"):  # refit, see the profile-level test
+    model.layout = Layout.assumed(16)
+    assert LatencyModel.from_dict(model.to_dict()).layout == Layout.assumed(16)
+    legacy = {k: v for k, v in model.to_dict().items() if k != "layout"}
+    with pytest.raises(ValueError, match="layout is missing"):  # refit, see the profile-level test
         LatencyModel.from_dict(legacy)
+
+
+def test_layout_rules_are_probed_from_onnx_runtimes_own_graphs():
+    """The probe's rules explain every test graph ONNX Runtime optimized here, and on x86 they are
+    the ones assumed for kits' devices from their ISA flags; low-rank halves with fewer input
+    channels than the block read the plain layout, so their incoming edge is a reorder."""
+    lay = probe_layout()
+    assert lay.source == "probed"
+    if lay.block > 1:
+        assert lay == Layout.assumed(lay.block, "probed")
+        thin = Kernel("conv", 32, cin=2, cout=lay.block * 4, k=1, h=8, w=8, ho=8, wo=8)
+        wide = Kernel("conv", 32, cin=lay.block * 4, cout=2, k=3, h=8, w=8, ho=8, wo=8)
+        row = boundary_terms([wide, thin], [(0, 1, False)], lay)
+        assert row[2 * BOUNDARY_CLASSES.index("c>f")] == 1  # the low-rank pair meets through a reorder
+        odd = Kernel("conv", 32, cin=lay.block + 1, cout=16, k=3, h=8, w=8, ho=8, wo=8)
+        assert kernel_domain(odd, lay, "in") == kernel_domain(odd, lay) == "f"  # not blocked at all
+    fact = {"layout": lay.to_dict(), "nchwc_block": lay.block}
+    assert layout_of(fact) == lay and layout_of({"isa_flags": ["avx2"]}) == Layout.assumed(8)
+    with pytest.raises(ValueError, match="layout.pool_multiple"):
+        Layout.from_dict({**lay.to_dict(), "pool_multiple": 0})
 
 
 def test_the_block_comes_from_the_probe_or_the_reported_isa():
@@ -937,7 +959,7 @@ def test_a_profile_from_an_older_edgeslim_is_refused_with_the_refit_command(tmp_
     `calibrate --refit`, exit 2; the refit (from its stored measurements) makes it load again."""
     doc = json.loads((Path(__file__).resolve().parents[1] / "studies/devices/dev-vm-1t.json").read_text())
     doc["name"] = "old"
-    for key in ("kernel_costs", "kernel_domains", "nchwc_block"):
+    for key in ("kernel_costs", "kernel_domains", "layout"):
         doc["model"].pop(key)
     (tmp_path / "old.json").write_text(json.dumps(doc))
     with pytest.raises(ProfileError, match=r"older edgeslim .* `edgeslim calibrate --refit --device old`"):
@@ -947,7 +969,7 @@ def test_a_profile_from_an_older_edgeslim_is_refused_with_the_refit_command(tmp_
     assert "calibrate --refit --device old" in err and "Traceback" not in err
     assert main(["calibrate", "--refit", "--device", "old", "--devices-dir", str(tmp_path)]) == 0
     model = load_device("old", devices_dir=tmp_path).latency_model
-    assert model is not None and model.nchwc_block == nchwc_block_of(doc["facts"])[0]
+    assert model is not None and model.layout.block == nchwc_block_of(doc["facts"])[0]
 
 
 def test_structure_networks_are_exported_candidates_of_three_families(tmp_path):

@@ -21,6 +21,7 @@ from edgeslim.objectives.devices._kernels import (Edge, Kernel, boundary_class, 
 from edgeslim.objectives.devices._kits import (fit_energy, fit_measurements, reference_entries, refit, seal_kit,
                                                start_kit, write_kit)
 from edgeslim.objectives.devices._micro import CHAINS, KERNEL_TYPES, MODES, chain_model, micro_model
+from edgeslim.objectives.devices._layout import Layout, layout_of, probe_layout
 from edgeslim.objectives.devices._model import BOUNDARY_CLASSES, LatencyModel
 from edgeslim.objectives.devices._power import PowerCommandReader, RaplReader, find_rapl
 from edgeslim.objectives.devices._profile import (DEVICES_DIR, DeviceProfile, EnergyConstants, known_devices,
@@ -31,7 +32,8 @@ from edgeslim.spaces import ProfileError
 
 __all__ = sorted([
     "BOUNDARY_CLASSES", "BuiltProfile", "CHAINS", "CalibrationResult", "DEVICES_DIR", "DeviceProfile", "EXCURSION",
-    "Edge", "EnergyConstants", "KERNEL_TYPES", "KIT_VERSION", "Kernel", "LatencyModel", "MODES", "PROTOCOL",
+    "Edge", "EnergyConstants", "KERNEL_TYPES", "KIT_VERSION", "Kernel", "LatencyModel", "Layout", "layout_of",
+    "probe_layout", "MODES", "PROTOCOL",
     "PowerCommandReader", "ProfileError", "REFERENCE_KERNELS", "RaplReader", "SpeedTrack", "boundary_class",
     "calibrate", "calibrate_profile", "chain_model", "device_facts", "extract_graph", "extract_kernels", "find_rapl",
     "fit_energy", "fit_measurements", "foreign_device", "io_bytes", "kernel_type", "kit_profile", "known_devices",

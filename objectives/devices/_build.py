@@ -12,7 +12,8 @@ from typing import Any
 
 from edgeslim.objectives.devices import _calibrate, _kits, _runner
 from edgeslim.objectives.devices._kernels import Kernel, kernel_type
-from edgeslim.objectives.devices._profile import (DeviceProfile, EnergyConstants, nchwc_block_of, probe_nchwc_block,
+from edgeslim.objectives.devices._layout import layout_of, probe_layout
+from edgeslim.objectives.devices._profile import (DeviceProfile, EnergyConstants, nchwc_block_of,
                                                   profile_id)
 from edgeslim.spaces import ProfileError
 
@@ -35,6 +36,12 @@ class BuiltProfile:
                  f"{sum('network' in c for c in r.chains)} whole networks, "
                  f"per-inference overhead {r.model.overhead_[0][1] * 1e3:.1f} us; energy "
                  f"{'fitted to the power meter' if energy.measured else 'uses documented default constants (estimate)'}"]
+        lay, costs = r.model.layout, r.model.kernel_costs_ * 1e3
+        lines.append(("no blocked layout" if lay.block <= 1 else
+                      f"blocked layout: NCHWc block {lay.block}; convs chain in it with input channels a multiple of "
+                      f"{lay.conv_multiple}, depthwise with a multiple of {lay.dw_multiple}, max pools of "
+                      f"{lay.pool_multiple}") + f" ({lay.source}); in-network cost per kernel "
+                     + ", ".join(f"{d} {c:+.1f} us" for d, c in zip(("int8", "blocked", "other", "add"), costs)))
         if r.track is not None and len(r.track.points) >= 3:
             f = [r.track.factor(s) for s, _ in r.track.points]
             lines.append(f"device speed over the calibration: {min(f) - 1:+.1%} to {max(f) - 1:+.1%} around its "
@@ -89,11 +96,12 @@ def calibrate_profile(name: str, threads: int, mode: str = "quick", seed: int = 
         >>> built.profile.save(Path("studies/devices/bench.json"))  # doctest: +SKIP
     """
     created = _now()
-    block = probe_nchwc_block()  # what the boundary classes use, and [space] channel_multiple = 0 rounds to
+    # the blocked-layout rules the boundary classes use; its block is what [space] channel_multiple = 0 rounds to
+    layout = probe_layout()
     result = _calibrate.calibrate(name, threads, mode, seed, progress, power, focus=focus, networks=networks, say=say,
-                                  block=block, structures=structures)
+                                  layout=layout, structures=structures)
     facts = _runner.device_facts(threads)
-    facts["nchwc_block"] = block
+    facts["nchwc_block"], facts["layout"] = layout.block, layout.to_dict()
     energy = EnergyConstants()
     if power is not None:
         energy = _kits.fit_energy(result.kernels, result.measurements,
@@ -113,13 +121,20 @@ def kit_profile(data: Mapping[str, Any], name: str, source: str = "measurements"
         result = _kits.fit_measurements(dict(data), name)
         facts, protocol = dict(data["facts"]), data["protocol"]
         threads = int(facts.get("threads", 1))
-        facts["nchwc_block"], facts["nchwc_block_source"] = nchwc_block_of(facts)  # what the model was fitted with
+        _record_layout(facts)  # what the model was fitted with
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ProfileError(f"{source!r} is malformed ({type(e).__name__}: {e}); nothing was written; "
                            "run run_kit.py on the device again") from None
     profile = _assemble(name, threads, result, facts, protocol, EnergyConstants(), _now(), data.get("mode", "kit"),
                         data.get("remeasured"), data.get("focus"))
     return BuiltProfile(profile, result)
+
+
+def _record_layout(facts: dict[str, Any]) -> None:
+    """Write into ``facts`` the layout rules a fit without probing used (see ``layout_of``)."""
+    layout = layout_of(facts)
+    facts["nchwc_block"], facts["nchwc_block_source"] = nchwc_block_of(facts)
+    facts["layout"] = layout.to_dict()
 
 
 def refit_profile(path: Path, name: str) -> BuiltProfile:
@@ -134,7 +149,7 @@ def refit_profile(path: Path, name: str) -> BuiltProfile:
         raise ProfileError(f"device profile {str(path)!r}: {e}") from None
     # the rest of the document (facts, energy, measurements, id) is validated as any profile is
     facts = dict(data.get("facts") or {})
-    facts["nchwc_block"], facts["nchwc_block_source"] = nchwc_block_of(facts)  # what the refit used
+    _record_layout(facts)  # what the refit used
     profile = DeviceProfile.from_dict({**data, "facts": facts, "model": result.model.to_dict(),
                                        "refit": {"at": _now(), "from_model_of": data.get("created")}},
                                       where=f"device profile {str(path)!r}")

@@ -20,7 +20,7 @@ from edgeslim.objectives.devices._micro import (CHAINS, IO_SIZES, KERNEL_TYPES, 
                                                  design, measuring_order, micro_model, neighbour, random_chain,
                                                  random_kernel)
 from edgeslim.objectives.devices._model import LatencyModel
-from edgeslim.objectives.devices._profile import probe_nchwc_block
+from edgeslim.objectives.devices._layout import Layout, probe_layout
 
 __all__ = ["CalibrationResult", "REFERENCE_KERNELS", "SpeedTrack", "calibrate", "measure_reference", "network_record",
            "reference_from"]
@@ -195,16 +195,16 @@ def io_kernels() -> list[Kernel]:
     return [Kernel("io", cin=n, cout=n) for n in IO_SIZES]
 
 
-def _fit(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], device: str, block: int,
+def _fit(kernels: Sequence[Kernel], meas: Sequence[dict[str, Any]], device: str, layout: Layout,
          select: bool = False) -> LatencyModel:
-    return LatencyModel(device=device, nchwc_block=block).fit(kernels, meas, select=select)
+    return LatencyModel(device=device, layout=layout).fit(kernels, meas, select=select)
 
 
 def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
               progress: Callable[[int, int], None] | None = None, energy_reader: Any = None,
               types: Sequence[str] = KERNEL_TYPES, focus: Sequence[Kernel] = (),
               networks: Sequence[Mapping[str, Any]] = (), say: Callable[[str], None] | None = None,
-              block: int | None = None, structures: Sequence[Mapping[str, Any]] = ()) -> CalibrationResult:
+              layout: Layout | None = None, structures: Sequence[Mapping[str, Any]] = ()) -> CalibrationResult:
     """Measure an initial design, then adaptively add points where the model errs most.
 
     Each round draws fresh validation kernels, records the current model's error on them
@@ -216,7 +216,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
     ``structures`` (the same form: random whole networks of the shapes real models have, see
     ``edgeslim.search.structure_networks``) are measured whole only, and fit the boundary savings
     and in-network kernel costs against the kernel model's own predictions.
-    ``block``: the NCHWc channel block the boundary classes use (default: probed here).
+    ``layout``: the blocked-layout rules the boundary classes use (default: probed here).
 
     Measurements taken while the device ran more than ``EXCURSION`` off its usual speed (the
     speed track's median) are measured again once it is back (see :func:`_remeasure`); ``say``
@@ -240,7 +240,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
         total += n
 
     track = SpeedTrack()
-    nchwc = probe_nchwc_block() if block is None else block  # this machine's, found by ONNX Runtime itself
+    nchwc = probe_layout() if layout is None else layout  # this machine's, found by ONNX Runtime itself
 
     def fit_so_far() -> LatencyModel:  # with the overhead timings taken so far
         return _fit(kernels + [k for k, _ in track.io], meas + [m for _, m in track.io], device, nchwc)

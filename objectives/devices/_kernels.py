@@ -22,6 +22,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from edgeslim.objectives.devices._layout import Layout
 from edgeslim.spaces import ObjectiveError, QuantizedLayer, macs, runtime_format
 
 __all__ = ["Kernel", "KERNEL_FEATURES", "Edge", "boundary_class", "extract_graph", "extract_kernels", "io_bytes",
@@ -211,14 +212,14 @@ def extract_kernels(model: nn.Module, example_input: torch.Tensor) -> list[Kerne
 Edge = tuple[int, int, bool]  # producer kernel index, consumer kernel index, activation between them
 
 
-def boundary_class(producer: Kernel, consumer: Kernel, act: bool, block: int) -> str:
+def boundary_class(producer: Kernel, consumer: Kernel, act: bool, layout: Layout | int) -> str:
     """How two connected kernels meet, which decides what the runtime does between them.
 
-    ``q`` is an int8/int4-QDQ Conv/Gemm (quantized tensors in and out), ``c`` a float conv
-    (channels padded to the device's NCHWc ``block``; depthwise from one block of channels) or a
-    max pool over a multiple of ``block`` channels (x86 ONNX Runtime runs those in the blocked NCHWc layout, so a chain of them skips
-    the layout reorders a lone kernel pays; seen in ONNX Runtime 1.32's optimized graphs), ``f`` any other
-    kernel, ``a`` a residual Add (+ReLU; ONNX Runtime folds it into a preceding float conv).
+    ``q`` is an int8/int4-QDQ Conv/Gemm (quantized tensors in and out), ``c`` a float conv,
+    depthwise conv or max pool that ONNX Runtime runs in its blocked NCHWc layout on the device
+    (``layout``'s rules, probed there), so a chain of them skips the layout reorders a lone
+    kernel pays, ``f`` any other kernel, ``a`` a residual Add (+ReLU; ONNX Runtime folds it into
+    a preceding float conv). The producer stands on its output side, the consumer on its input side.
     ``+act`` marks a q>q boundary with an activation in between (dequantize, ReLU,
     quantize) rather than a direct int8 hand-over (the halves of a low-rank pair).
 
@@ -227,7 +228,7 @@ def boundary_class(producer: Kernel, consumer: Kernel, act: bool, block: int) ->
         >>> boundary_class(a, a, True, 8), boundary_class(a, Kernel("gemm", 32, cin=16, cout=4), False, 8)
         ('q>q+act', 'q>f')
     """
-    return boundary_name(kernel_domain(producer, block), kernel_domain(consumer, block), act)
+    return boundary_name(kernel_domain(producer, layout), kernel_domain(consumer, layout, "in"), act)
 
 
 def boundary_name(a: str, b: str, act: bool) -> str:
@@ -240,33 +241,50 @@ def boundary_name(a: str, b: str, act: bool) -> str:
     return f"{a}>{b}" + ("+act" if act and a == b == "q" else "")
 
 
-def kernel_domain(k: Kernel, block: int) -> str:
+def kernel_domain(k: Kernel, layout: Layout | int, side: str = "out") -> str:
     """The side of a boundary a kernel stands on: ``q``, ``c``, ``a`` or ``f`` (see :func:`boundary_class`).
 
-    ``block`` is the channel block of ONNX Runtime's NCHWc layout on the device, probed there
-    (:func:`edgeslim.objectives.devices.probe_nchwc_block`: 8 with AVX2, 16 with AVX-512); 1
-    where ONNX Runtime does not block, and then no kernel stands in the ``c`` domain.
+    ``layout`` holds the device's blocked-layout rules, probed there (:func:`probe_layout`; an
+    int is a channel block with ONNX Runtime 1.32's x86 rules assumed); ``side`` is the kernel's
+    ``"out"`` (what it hands on) or ``"in"`` (what it reads): a float conv with fewer input
+    channels than the block runs blocked but reads the plain layout, like a network's first layer.
+    Where ONNX Runtime does not block (block 1), no kernel stands in the ``c`` domain.
 
     Example:
         >>> kernel_domain(Kernel("conv", 32, cin=16, cout=32, k=3), 8)
         'c'
         >>> kernel_domain(Kernel("pool", 32, cin=24, cout=24, k=2), 8), kernel_domain(Kernel("pool", 32, cin=24, cout=24, k=2), 16)
         ('c', 'f')
+        >>> low_rank_half = Kernel("conv", 32, cin=4, cout=64, k=1)
+        >>> kernel_domain(low_rank_half, 16, "in"), kernel_domain(low_rank_half, 16, "out")
+        ('f', 'c')
     """
     if k.op == "add":
         return "a"
     if k.op in ("conv", "gemm") and k.bits <= 8 and not k.weight_only:
         return "q"
-    if block <= 1:
+    lay = layout if isinstance(layout, Layout) else _assumed(layout)
+    if lay.block <= 1:
         return "f"
-    if k.op == "pool" and k.cin % block == 0:  # pools inside an NCHWc chain run blocked too
-        return "c"
+    if k.op == "pool":
+        return "c" if lay.pool_blocked(k.cin) else "f"
     if k.op == "conv" and k.bits == 32:
-        # ONNX Runtime pads channels up to the block (a first layer with few input channels reads
-        # NCHW directly); depthwise convs go blocked from one block of channels up
-        if k.groups == 1 or (k.groups == k.cin == k.cout and k.cin >= block):
+        if k.groups == 1:
+            blocked = lay.conv_reads_blocked(k.cin) if side == "in" else lay.conv_blocked(k.cin)
+            return "c" if blocked else "f"
+        if k.groups == k.cin == k.cout and lay.dw_blocked(k.cin):
             return "c"
     return "f"
+
+
+_ASSUMED: dict[int, Layout] = {}
+
+
+def _assumed(block: int) -> Layout:
+    lay = _ASSUMED.get(block)
+    if lay is None:
+        lay = _ASSUMED[block] = Layout.assumed(block) if block > 1 else Layout(1)
+    return lay
 
 
 def extract_graph(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Kernel], list[Edge]]:

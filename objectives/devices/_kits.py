@@ -19,7 +19,7 @@ from edgeslim.objectives.devices._calibrate import (_LONE_KEYS, GROUP, REFERENCE
                                                      CalibrationResult, SpeedTrack, _fit, _fit_chains, io_kernels,
                                                      network_record)
 from edgeslim.objectives.devices._kernels import Kernel
-from edgeslim.objectives.devices._profile import nchwc_block_of
+from edgeslim.objectives.devices._layout import layout_of
 from edgeslim.objectives.devices._micro import (CHAINS, KERNEL_TYPES, MODES, chain_model, design, measuring_order,
                                                  micro_model, random_chain)
 
@@ -156,7 +156,7 @@ def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
                **{k: e[k] for k in (*keys, "seq")},
                **({"lone": [{k: every[i][k] for k in _LONE_KEYS} for i in e["parts"]]} if "parts" in e else {})}
               for e in every if "chain" in e or "network" in e]
-    model = _fit(kernels, meas, device, nchwc_block_of(data.get("facts") or {})[0], select=True)
+    model = _fit(kernels, meas, device, layout_of(data.get("facts") or {}), select=True)
     _fit_chains(model, chains)
     return CalibrationResult(kernels, meas, model, [], chains, track)
 
@@ -180,7 +180,7 @@ def refit(data: Mapping[str, Any], device: str) -> CalibrationResult:
             raise ValueError(f"measurements[{i}] lacks {missing}; calibrate the device again")
     kernels = [Kernel(**e["kernel"]) for e in entries]
     meas = [{k: v for k, v in e.items() if k not in ("kernel", "type")} for e in entries]
-    model = _fit(kernels, meas, device, nchwc_block_of(data.get("facts") or {})[0],
+    model = _fit(kernels, meas, device, layout_of(data.get("facts") or {}),
                  select=data.get("mode") in ("full", "kit"))
     chains = list(data.get("chains") or [])
     _fit_chains(model, chains)

@@ -23,6 +23,7 @@ import numpy as np
 
 from edgeslim.objectives.devices._kernels import (KERNEL_FEATURES, Edge, Kernel, boundary_name, kernel_domain,
                                           kernel_matrix, kernel_type)
+from edgeslim.objectives.devices._layout import Layout
 from edgeslim.spaces import ObjectiveError
 
 __all__ = ["BOUNDARY_CLASSES", "KERNEL_DOMAINS", "LatencyModel", "TreeEnsemble", "boundary_terms", "domain_counts"]
@@ -39,9 +40,9 @@ PER_MB_CLASSES = frozenset({"c>c", "c>a"})
 KERNEL_DOMAINS = ("q", "c", "f", "a")
 
 
-def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge], block: int) -> np.ndarray:
+def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge], layout: Layout | int) -> np.ndarray:
     """Per boundary class: how many edges of that class, and (for ``PER_MB_CLASSES``) the MB of
-    float tensor they carry. ``block``: the device's NCHWc channel block (see :func:`kernel_domain`).
+    float tensor they carry. ``layout``: the device's blocked-layout rules (see :func:`kernel_domain`).
 
     Example:
         >>> k = Kernel("conv", 32, cin=16, cout=16, k=3, h=8, w=8, ho=8, wo=8)
@@ -50,12 +51,14 @@ def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge], block: int)
         [1.0, 0.004096]
     """
     row = [0.0] * (2 * len(BOUNDARY_CLASSES))  # a list: scalar updates of a numpy array cost more
-    domains = [kernel_domain(k, block) for k in kernels]
+    outs = [kernel_domain(k, layout) for k in kernels]
+    ins = [kernel_domain(k, layout, "in") for k in kernels]
     if any(k.op == "pool" for k in kernels):
-        _quantized_pools(kernels, edges, domains)
+        _quantized_pools(kernels, edges, outs)
+        _quantized_pools(kernels, edges, ins)
     index = _CLASS_INDEX
     for a, b, act in edges:
-        c, per_mb = index[domains[a], domains[b], act]
+        c, per_mb = index[outs[a], ins[b], act]
         row[2 * c] += 1.0
         if per_mb:
             k = kernels[a]
@@ -63,7 +66,7 @@ def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge], block: int)
     return np.array(row)
 
 
-def domain_counts(kernels: Sequence[Kernel], edges: Sequence[Edge], block: int) -> np.ndarray:
+def domain_counts(kernels: Sequence[Kernel], edges: Sequence[Edge], layout: Layout | int) -> np.ndarray:
     """How many of ``kernels`` stand in each of :data:`KERNEL_DOMAINS` (max pools between two
     int8 convs count as ``q``, as in :func:`boundary_terms`).
 
@@ -72,7 +75,7 @@ def domain_counts(kernels: Sequence[Kernel], edges: Sequence[Edge], block: int) 
         >>> domain_counts([q, q, Kernel("gemm", 32, cin=16, cout=4)], [(0, 1, True), (1, 2, False)], 16).tolist()
         [2.0, 0.0, 1.0, 0.0]
     """
-    domains = [kernel_domain(k, block) for k in kernels]
+    domains = [kernel_domain(k, layout) for k in kernels]
     if any(k.op == "pool" for k in kernels):
         _quantized_pools(kernels, edges, domains)
     return np.array([float(domains.count(d)) for d in KERNEL_DOMAINS])
@@ -258,11 +261,11 @@ class LatencyModel:
 
     def __init__(self, device: str = "", ridge: float = 1e-3, min_tree_points: int = 40,
                  n_estimators: int = 150, max_depth: int = 3, learning_rate: float = 0.1, seed: int = 0,
-                 nchwc_block: int = 1) -> None:
+                 layout: Layout | None = None) -> None:
         self.device = device
-        # the device's NCHWc channel block (probed at calibration; 1: no blocking): which kernels
-        # chain in the blocked layout, so which boundary class each edge belongs to
-        self.nchwc_block = nchwc_block
+        # the device's blocked-layout rules (probed at calibration): which kernels chain in the
+        # NCHWc layout, so which boundary class each edge belongs to
+        self.layout = layout if layout is not None else Layout(1)
         self.ridge = ridge
         self.min_tree_points = min_tree_points
         self.n_estimators = n_estimators
@@ -439,8 +442,8 @@ class LatencyModel:
         p95 = p50 + self._tail(tails)
         coef = getattr(self, "boundaries_", None)
         if edges and coef is not None:
-            saving = float(boundary_terms(kernels, edges, self.nchwc_block) @ coef)
-            saving -= float(domain_counts(kernels, edges, self.nchwc_block) @ self.kernel_costs_)
+            saving = float(boundary_terms(kernels, edges, self.layout) @ coef)
+            saving -= float(domain_counts(kernels, edges, self.layout) @ self.kernel_costs_)
             # never let the correction remove more than half the kernels' time (extrapolation guard)
             saving = min(saving, 0.5 * (p50 - over))
             p95, p50 = p95 * (p50 - saving) / p50, p50 - saving
@@ -511,10 +514,10 @@ class LatencyModel:
         rows, target = [], []
         for kernels, edges, p50, io, lone_ms in chains:
             lone = self.predict(kernels, io)[0] if lone_ms is None else self._io_cost(io) + lone_ms
-            counts = domain_counts(kernels, edges, self.nchwc_block)
+            counts = domain_counts(kernels, edges, self.layout)
             # a cost is a negative saving; two columns (cost, refund) let non-negative least
             # squares give it either sign
-            rows.append(np.concatenate([boundary_terms(kernels, edges, self.nchwc_block), -counts, counts]) / p50)
+            rows.append(np.concatenate([boundary_terms(kernels, edges, self.layout), -counts, counts]) / p50)
             target.append((lone - p50) / p50)
         from scipy.optimize import nnls
 
@@ -547,7 +550,7 @@ class LatencyModel:
         self._check()
         return {
             "features": list(KERNEL_FEATURES),
-            "nchwc_block": self.nchwc_block,
+            "layout": self.layout.to_dict(),
             "overhead_ms": self.overhead_, "overhead_p95_ratio": self.overhead_p95_ratio_,
             "boundary_classes": list(BOUNDARY_CLASSES),
             "boundaries": None if getattr(self, "boundaries_", None) is None else self.boundaries_.tolist(),
@@ -565,10 +568,10 @@ class LatencyModel:
         """Rebuild a fitted model from ``to_dict`` output."""
         if list(d["features"]) != list(KERNEL_FEATURES):
             raise ValueError(f"model.features {d['features']} differ from this version's {list(KERNEL_FEATURES)}")
-        if "nchwc_block" not in d:
-            raise ValueError("model.nchwc_block is missing (a profile from an older edgeslim, fitted before the "
-                             "NCHWc block was probed)")
-        m = cls(device=device, nchwc_block=int(d["nchwc_block"]))
+        if not isinstance(d.get("layout"), dict):
+            raise ValueError("model.layout is missing (a profile from an older edgeslim, fitted before the "
+                             "blocked-layout rules were probed)")
+        m = cls(device=device, layout=Layout.from_dict(d["layout"]))
         m.types_ = {
             t: _TypeModel(np.array(v["coef"], float), np.array(v["mean"], float), np.array(v["scale"], float),
                           float(v["intercept"]), TreeEnsemble.from_dict(v["trees"]) if v["trees"] else None,

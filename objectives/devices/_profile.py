@@ -187,11 +187,11 @@ class DeviceProfile:
         model_d = need(d, "model", dict, "model")
         for key in ("features", "types"):
             need(model_d, key, (list, dict), f"model.{key}")
-        if "kernel_costs" not in model_d or "nchwc_block" not in model_d:
+        if "kernel_costs" not in model_d or "layout" not in model_d:
             # fitted before the NCHWc block was probed and in-network kernel costs were fitted:
             # its stored measurements refit it with this version's model, without the device
-            raise ProfileError(f"{where} was calibrated by an older edgeslim (no probed NCHWc block or in-network "
-                               f"kernel costs); run `edgeslim calibrate --refit --device {name}` to refit it from "
+            raise ProfileError(f"{where} was calibrated by an older edgeslim (no probed blocked-layout rules or "
+                               f"in-network kernel costs); run `edgeslim calibrate --refit --device {name}` to refit it from "
                                "its stored measurements, or calibrate the device again")
         need(model_d, "overhead_ms", list, "model.overhead_ms")
         need(model_d, "overhead_p95_ratio", (int, float), "model.overhead_p95_ratio")
