@@ -351,12 +351,14 @@ def load_workload(spec: StudySpec, out_dir: str | Path, log: Callable[[str], Non
     if spec.model.builtin:
         channels, size, epochs = BUILTIN_WORKLOADS[spec.model.builtin]
         if not epochs:
-            from edgeslim.search._pretrained import TRAIN_CROPS, VAL_CROPS, pretrained_workload
+            from edgeslim.search._pretrained import CONFIDENT, TRAIN_CROPS, VAL_CROPS, pretrained_workload
 
             model, data, split_hash, acc = pretrained_workload(size, TRAIN_CROPS, VAL_CROPS, spec.seed, out_dir, log)
             example = torch.randn((1, channels, size, size), generator=torch.Generator().manual_seed(spec.seed))
-            desc = (f"built-in {spec.model.builtin}, pretrained on ImageNet, on {TRAIN_CROPS}+{VAL_CROPS} crops of "
-                    f"photos bundled with scikit-image/scikit-learn ({size}x{size}, label-free)")
+            desc = (f"built-in {spec.model.builtin}, pretrained on ImageNet, on crops of photos bundled with "
+                    f"scikit-image/scikit-learn ({size}x{size}, label-free: agreement with the dense network on the "
+                    f"{len(data.val)} of {VAL_CROPS} held-out crops it classifies with >= {CONFIDENT:.0%} probability; "
+                    f"{TRAIN_CROPS} training crops)")
             return Workload(model, data, example, desc, acc, split_hash, model_hash(model))
         model = builtin_model(spec.model.builtin)[0]
         data, split_hash = digits_splits(size, spec.data.val_fraction, spec.seed)

@@ -2,8 +2,9 @@
 export it and the dense baseline as ONNX, and time both artifacts side by side (paired) in this run.
 
 Usage: python studies/bench_deploy.py [--trials N] [--device NAME] [--torchvision NAME] [--tv-finetune-steps N]
-Workloads: the built-in digits-resnet (>= 1 ms) and a torchvision network (resnet18 unless
---torchvision names another) trained from scratch on digits at 3x32x32.
+Workloads: the built-in digits-resnet (>= 1 ms), a torchvision network (resnet18 unless
+--torchvision names another) trained from scratch on digits at 3x32x32, and the pretrained
+EfficientNet-Lite0 (studies/efficientnet-lite0.toml, label-free).
 With --device, the search predicts latency with that profile and the gap to the measured
 artifact is the profile's error; without it, the gap is search-time vs export-time measurement.
 """
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--torchvision", default="resnet18", help="torchvision classification network")
     parser.add_argument("--tv-finetune-steps", type=int, default=150,
                         help="fine-tune steps per trial for the torchvision network")
-    parser.add_argument("--only", choices=["builtin", "torchvision"], help="run one of the two rows")
+    parser.add_argument("--only", choices=["builtin", "torchvision", "pretrained"], help="run one of the rows")
     parser.add_argument("--refine-steps", type=int, help="refine steps (default 10x the search's)")
     parser.add_argument("--tv-sparsity", default="0,0.25,0.5",
                         help="sparsity choices of the torchvision network's space, comma-separated")
@@ -57,8 +58,12 @@ def main() -> None:
             space=SpaceSpec(rules={"_default": RuleSpec(sparsity=[float(v) for v in args.tv_sparsity.split(",")],
                                                         rank=[0.5, 1.0], bits=[8, 32])})),
     }
+    # the pretrained row: EfficientNet-Lite0 with its ImageNet weights, label-free (see its spec)
+    pretrained_label = "efficientnet-lite0 (pretrained, 160x160)"
+    specs[pretrained_label] = load_spec(here / "efficientnet-lite0.toml")
     if args.only:
-        specs = {k: v for k, v in specs.items() if (k == tv_label) == (args.only == "torchvision")}
+        row = {"builtin": "digits-resnet", "torchvision": tv_label, "pretrained": pretrained_label}[args.only]
+        specs = {row: specs[row]}
     facts = device_facts(1)
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in facts.get("isa_flags", [])]
     print(f"machine: {facts.get('cpu_model', platform.processor())} ({platform.machine()}, {os.cpu_count()} cores, "

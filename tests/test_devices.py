@@ -619,11 +619,11 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     assert main(["calibrate", "--kit", str(kit)]) == 0
     manifest = json.loads((kit / "kit.json").read_text())
     structures = [e for e in manifest["entries"] if e.get("structure")]
-    assert len(structures) == 2 and all((kit / e["file"]).is_file() and "parts" not in e for e in structures)
+    assert len(structures) == 2 and all((kit / e["file"]).is_file() and e["parts"] for e in structures)
     assert manifest["kit_version"] == _runner.KIT_VERSION and (kit / "run_kit.py").is_file()
     entries = manifest["entries"]
     chains = [e for e in entries if "chain" in e]
-    parts = sum(len(e["parts"]) for e in chains)
+    parts = sum(len(e["parts"]) for e in chains + structures)
     # the reference kernels open and close the kit and are timed every TRACK_EVERY models between
     is_ref = "".join("r" if "reference" in e else "m" for e in entries)
     runs = [r for r in is_ref.split("m") if r]
@@ -632,7 +632,8 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     assert is_ref.startswith(timing) and is_ref.endswith(timing)
     assert all(len(r) == n_ref for r in runs) and len(runs) >= 3
     longest = max(len(m) for m in is_ref.split("r") if m)
-    assert longest <= _kits.TRACK_EVERY + len(_micro.IO_SIZES) + 5  # + one chain's parts
+    # + one chain's or network's parts
+    assert longest <= _kits.TRACK_EVERY + len(_micro.IO_SIZES) + 1 + max(len(e["parts"]) for e in chains + structures)
     refs = len(runs) * n_ref
     for e in chains:  # a timing never separates a chain from its parts
         first = entries.index(e)
@@ -668,7 +669,7 @@ def test_kit_round_trip_and_version_check(tmp_path, capsys, monkeypatch):
     saved = json.loads((devices / "remote.json").read_text())
     stored = [c for c in saved["chains"] if "chain" in c]
     assert len(stored) == 25 and all(len(c["lone"]) == len(c["chain"]["kernels"]) for c in stored)
-    assert sum("network" in c and "lone" not in c for c in saved["chains"]) == 2  # the structures, whole
+    assert sum(bool(c.get("structure")) and len(c["lone"]) > 0 for c in saved["chains"]) == 2  # with their parts
     assert len(saved["reference"]["p50_ms"]) == len(_calibrate.REFERENCE_KERNELS)
     assert len(saved["speed_track"]["points"]) == len(runs)  # the device's speed over the run
     # the overhead curve: one point per Identity size, the median of its timings over the run
@@ -747,9 +748,9 @@ def test_local_calibration_end_to_end(tmp_path, monkeypatch):
     assert len(chains) == 12 and len(data["rounds"]) == 1
     assert all(len(c["lone"]) == len(c["chain"]["kernels"]) for c in chains)
     # whole candidates of the focus model were exported and measured, and joined the boundary fit
-    # random structure networks were measured whole (no parts) and fitted the in-network kernel costs
+    # random structure networks were measured, whole and kernel by kernel, and fitted the in-network costs
     structures = [c for c in data["chains"] if c.get("structure")]
-    assert len(structures) == 3 and all("lone" not in c and c["p50_ms"] > 0 for c in structures)
+    assert len(structures) == 3 and all(len(c["lone"]) == len(c["network"]["kernels"]) for c in structures)
     assert len(data["model"]["kernel_costs"]) == 4
     nets = [c for c in data["chains"] if "network" in c and not c.get("structure")]
     assert [n["network"]["name"] for n in nets] == ["digits-cnn/dense", "digits-cnn/int8", "digits-cnn/random0"]

@@ -214,8 +214,9 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
     (``{"name", "path", "kernels", "edges"}``: whole candidates of those models, exported as
     they would ship) are measured after the chains and fit the boundary savings with them.
     ``structures`` (the same form: random whole networks of the shapes real models have, see
-    ``edgeslim.search.structure_networks``) are measured whole only, and fit the boundary savings
-    and in-network kernel costs against the kernel model's own predictions.
+    ``edgeslim.search.structure_networks``) are measured the same way: their kernels, alone, put
+    design points where real networks have their shapes, and the networks fit the boundary
+    savings and in-network kernel costs.
     ``layout``: the blocked-layout rules the boundary classes use (default: probed here).
 
     Measurements taken while the device ran more than ``EXCURSION`` off its usual speed (the
@@ -226,7 +227,8 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
     rng = np.random.default_rng(seed + 1)
     drawn = [random_chain(rng) for _ in range(CHAINS[mode])]
     total = len(types) * (per_type + rounds * (n_val + n_nb)) + sum(len(ks) + 1 for ks, _ in drawn)
-    total += len(focus) + sum(len(n["kernels"]) + 1 for n in networks) + len(structures)
+    networks = list(networks) + [{**s, "structure": True} for s in structures]
+    total += len(focus) + sum(len(n["kernels"]) + 1 for n in networks)
     done = 0
 
     def tick() -> None:
@@ -255,10 +257,6 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
                                                                        energy_reader, track, networks)
         kernels += lone_kernels
         meas += lone_meas
-        whole, whole_units = _measure_structures(structures, threads, work, len(kernels) + 10_000_000, tick,
-                                                 energy_reader, track)
-        chains += whole
-        chain_units += whole_units
         model = fit_so_far()
         history = []
         for r in range(rounds):
@@ -369,7 +367,8 @@ def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: i
                       {"chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": list(acts)}}))
     for net in networks:
         ks = [dataclasses.replace(k, layer="") for k in net["kernels"]]
-        items.append((functools.partial(_load, str(net["path"])), ks, {"network": network_record(net)}))
+        items.append((functools.partial(_load, str(net["path"])), ks,
+                      {"network": network_record(net), **({"structure": True} if net.get("structure") else {})}))
     builders: list[Callable[[int], onnx.ModelProto]] = []
     for build, ks, _ in items:
         builders.append(build)
@@ -386,17 +385,6 @@ def _measure_chains(drawn: Sequence[tuple[list[Kernel], list[bool]]], threads: i
         lone_kernels += ks
         lone_meas += parts
     return records, lone_kernels, lone_meas, units
-
-
-def _measure_structures(structures: Sequence[Mapping[str, Any]], threads: int, workdir: Path, offset: int,
-                        tick: Callable[[], None], energy_reader: Any = None, track: SpeedTrack | None = None,
-                        ) -> tuple[list[dict[str, Any]], list[_Unit]]:
-    """Whole networks timed ``GROUP`` at a time (interleaved), without their parts alone: they fit
-    what the kernel model's sum misses inside a network. Returns their records and units."""
-    builders = [functools.partial(_load, str(net["path"])) for net in structures]
-    meas = _measure_models(builders, threads, workdir, offset, tick, energy_reader, track)
-    records = [{"network": network_record(net), "structure": True, **m} for net, m in zip(structures, meas)]
-    return records, [_Unit([b], [r]) for b, r in zip(builders, records)]
 
 
 def _fit_chains(model: LatencyModel, chains: Sequence[dict[str, Any]]) -> None:

@@ -60,8 +60,8 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
 
     Remote devices cannot refit between rounds, so the kit holds a fixed design the size of the
     mode's whole adaptive budget, plus the ``focus`` kernels, the chains and the focus
-    ``networks`` (each timed together with its kernels alone), then the ``structures`` (random
-    whole networks, timed whole, ``GROUP`` at a time); the reference kernels and the
+    ``networks`` and ``structures`` (random whole networks; each timed together with its
+    kernels alone); the reference kernels and the
     Identity (overhead) models are timed at the start, every ``TRACK_EVERY`` models and at the
     end. Entries with the same ``group`` are timed together, interleaved.
     """
@@ -124,13 +124,10 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
         add_with_parts(f"n{j:03d}", {"network": network_record(net)},
                        [dataclasses.replace(k, layer="") for k in net["kernels"]],
                        lambda p, net=net: shutil.copyfile(net["path"], p))
-    for j, net in enumerate(structures):  # random whole networks, timed whole
-        if time_reference() or j % GROUP == 0:
-            g = new_group()
-        name = f"models/s{j:03d}.onnx"
-        shutil.copyfile(net["path"], kit_dir / name)
-        entries.append({"file": name, "network": network_record(net), "structure": True, "group": g})
-        since += 1
+    for j, net in enumerate(structures):  # random whole networks, as they would ship
+        add_with_parts(f"s{j:03d}", {"network": network_record(net), "structure": True},
+                       [dataclasses.replace(k, layer="") for k in net["kernels"]],
+                       lambda p, net=net: shutil.copyfile(net["path"], p))
     time_reference(force=True)
     return seal_kit(kit_dir, entries, {"mode": mode, "threads": threads, "protocol": _runner.PROTOCOL,
                                        "entries": entries, **({"focus": dict(focus_info)} if focus_info else {})})
@@ -153,7 +150,7 @@ def fit_measurements(data: dict[str, Any], device: str) -> CalibrationResult:
     kernels = [Kernel(**e["kernel"]) for e in entries]
     meas = [{k: e[k] for k in (*keys, "seq")} for e in entries]
     chains = [{("network" if "network" in e else "chain"): e.get("network", e.get("chain")),
-               **{k: e[k] for k in (*keys, "seq")},
+               **{k: e[k] for k in (*keys, "seq")}, **({"structure": True} if e.get("structure") else {}),
                **({"lone": [{k: every[i][k] for k in _LONE_KEYS} for i in e["parts"]]} if "parts" in e else {})}
               for e in every if "chain" in e or "network" in e]
     model = _fit(kernels, meas, device, layout_of(data.get("facts") or {}), select=True)
