@@ -1,9 +1,10 @@
 """Whole-network structures for calibration: random small networks built from the blocks real
 models are made of (plain conv stacks with pools, residual basic blocks, inverted residuals,
 classifier heads), each compressed by a random plan (pruning, low-rank pairs, int8/int4) and
-exported exactly as a candidate ships. A quick calibration measures them whole, so the latency
-model learns what kernels do inside networks (shared layout reorders, int8 hand-overs, folded
-Adds) from networks it will never be checked on, not only from synthetic chains."""
+exported exactly as a candidate ships. Calibration measures each whole and kernel by kernel, so
+the latency model gets design points at the shapes networks have and learns what kernels do
+inside networks (shared layout reorders, int8 hand-overs, folded Adds, per-kernel dispatch) from
+networks it will never be checked on, not only from synthetic chains."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from edgeslim.spaces import CompressionSpace
 
 __all__ = ["STRUCTURES", "STRUCTURE_FAMILIES", "random_structure", "structure_networks"]
 
-# random networks per quick calibration (each measured whole, about a tenth of a second of timing)
+# random networks per calibration mode; each costs about 2.5 s of export and 1 s of timing (itself
+# and its ~20 kernels alone) on a 2-core x86
 STRUCTURES = {"quick": 16, "full": 60}
 _STRUCTURE_SEED = 1299709
 _MAX_MACS = 400_000_000  # keeps each network under a few milliseconds on a small CPU

@@ -242,10 +242,10 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
         total += n
 
     track = SpeedTrack()
-    nchwc = probe_layout() if layout is None else layout  # this machine's, found by ONNX Runtime itself
+    lay = probe_layout() if layout is None else layout  # this machine's, found by ONNX Runtime itself
 
     def fit_so_far() -> LatencyModel:  # with the overhead timings taken so far
-        return _fit(kernels + [k for k, _ in track.io], meas + [m for _, m in track.io], device, nchwc)
+        return _fit(kernels + [k for k, _ in track.io], meas + [m for _, m in track.io], device, lay)
 
     with tempfile.TemporaryDirectory(prefix="edgeslim-cal-") as tmp:
         work = Path(tmp)
@@ -280,7 +280,7 @@ def calibrate(device: str, threads: int, mode: str = "quick", seed: int = 0,
         kernels += [k for k, _ in track.io]
         meas += [m for _, m in track.io]
         # full mode chooses each type's regressor by cross-validation (about a minute of fitting)
-        model = _fit(kernels, meas, device, nchwc, select=mode == "full")
+        model = _fit(kernels, meas, device, lay, select=mode == "full")
         _fit_chains(model, chains)
     return CalibrationResult(kernels, meas, model, history, chains, track, redo)
 
