@@ -120,12 +120,11 @@ def write_kit(kit_dir: Path, threads: int, mode: str = "full", seed: int = 0, fo
         ks, acts = random_chain(rng)
         add_with_parts(f"c{j:05d}", {"chain": {"kernels": [dataclasses.asdict(k) for k in ks], "acts": acts}}, ks,
                        lambda p, ks=ks, acts=acts: onnx.save(chain_model(ks, acts, seed=len(entries)), str(p)))
-    for j, net in enumerate(networks):  # whole focus candidates, as they would ship
-        add_with_parts(f"n{j:03d}", {"network": network_record(net)},
-                       [dataclasses.replace(k, layer="") for k in net["kernels"]],
-                       lambda p, net=net: shutil.copyfile(net["path"], p))
-    for j, net in enumerate(structures):  # random whole networks, as they would ship
-        add_with_parts(f"s{j:03d}", {"network": network_record(net), "structure": True},
+    # whole focus candidates, then random structure networks, as they would ship
+    wholes = [(f"n{j:03d}", net, {}) for j, net in enumerate(networks)]
+    wholes += [(f"s{j:03d}", net, {"structure": True}) for j, net in enumerate(structures)]
+    for stem, net, flag in wholes:
+        add_with_parts(stem, {"network": network_record(net), **flag},
                        [dataclasses.replace(k, layer="") for k in net["kernels"]],
                        lambda p, net=net: shutil.copyfile(net["path"], p))
     time_reference(force=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Layout", "layout_of", "probe_layout"]
+__all__ = ["Layout", "layout_of", "optimized_graph", "probe_layout"]
 
 # channel counts the probe tries; the rules' divisors are read off them
 _PROBE_CHANNELS = tuple(range(1, 41)) + (48, 64)
@@ -186,8 +186,9 @@ def _between(c: int, what: str) -> Any:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _optimized(model: Any, tmp: Path) -> list[tuple[str, str, str]]:
-    """(op type, domain, name) of each node ONNX Runtime's CPU provider makes of ``model``."""
+def optimized_graph(model: Any, tmp: Path) -> Any:
+    """The graph ONNX Runtime's CPU provider makes of ``model`` on this machine (written via
+    ``SessionOptions.optimized_model_filepath`` into the folder ``tmp``)."""
     import onnx
     import onnxruntime as ort
 
@@ -197,4 +198,9 @@ def _optimized(model: Any, tmp: Path) -> list[tuple[str, str, str]]:
     opts.optimized_model_filepath = str(dst)
     opts.log_severity_level = 3
     ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
-    return [(n.op_type, n.domain, n.name) for n in onnx.load(str(dst)).graph.node]
+    return onnx.load(str(dst)).graph
+
+
+def _optimized(model: Any, tmp: Path) -> list[tuple[str, str, str]]:
+    """(op type, domain, name) of each node of :func:`optimized_graph`."""
+    return [(n.op_type, n.domain, n.name) for n in optimized_graph(model, tmp).node]

@@ -50,6 +50,25 @@ def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge], layout: Lay
         >>> boundary_terms([k, k], [(0, 1, True)], 8)[i:i + 2].tolist()  # 1 edge, 4 KiB
         [1.0, 0.004096]
     """
+    return _network_terms(kernels, edges, layout)[0]
+
+
+def domain_counts(kernels: Sequence[Kernel], edges: Sequence[Edge], layout: Layout | int) -> np.ndarray:
+    """How many of ``kernels`` stand in each of :data:`KERNEL_DOMAINS` (max pools between two
+    int8 convs count as ``q``, as in :func:`boundary_terms`).
+
+    Example:
+        >>> q = Kernel("conv", 8, cin=16, cout=16, k=3, h=8, w=8, ho=8, wo=8)
+        >>> domain_counts([q, q, Kernel("gemm", 32, cin=16, cout=4)], [(0, 1, True), (1, 2, False)], 16).tolist()
+        [2.0, 0.0, 1.0, 0.0]
+    """
+    return _network_terms(kernels, edges, layout)[1]
+
+
+def _network_terms(kernels: Sequence[Kernel], edges: Sequence[Edge], layout: Layout | int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`boundary_terms` and :func:`domain_counts` from one pass over the kernels' domains
+    (a prediction needs both)."""
     row = [0.0] * (2 * len(BOUNDARY_CLASSES))  # a list: scalar updates of a numpy array cost more
     outs = [kernel_domain(k, layout) for k in kernels]
     ins = [kernel_domain(k, layout, "in") for k in kernels]
@@ -63,22 +82,7 @@ def boundary_terms(kernels: Sequence[Kernel], edges: Sequence[Edge], layout: Lay
         if per_mb:
             k = kernels[a]
             row[2 * c + 1] += k.cout * k.ho * k.wo * 4e-6
-    return np.array(row)
-
-
-def domain_counts(kernels: Sequence[Kernel], edges: Sequence[Edge], layout: Layout | int) -> np.ndarray:
-    """How many of ``kernels`` stand in each of :data:`KERNEL_DOMAINS` (max pools between two
-    int8 convs count as ``q``, as in :func:`boundary_terms`).
-
-    Example:
-        >>> q = Kernel("conv", 8, cin=16, cout=16, k=3, h=8, w=8, ho=8, wo=8)
-        >>> domain_counts([q, q, Kernel("gemm", 32, cin=16, cout=4)], [(0, 1, True), (1, 2, False)], 16).tolist()
-        [2.0, 0.0, 1.0, 0.0]
-    """
-    domains = [kernel_domain(k, layout) for k in kernels]
-    if any(k.op == "pool" for k in kernels):
-        _quantized_pools(kernels, edges, domains)
-    return np.array([float(domains.count(d)) for d in KERNEL_DOMAINS])
+    return np.array(row), np.array([float(outs.count(d)) for d in KERNEL_DOMAINS])
 
 
 def _quantized_pools(kernels: Sequence[Kernel], edges: Sequence[Edge], domains: list[str]) -> None:
@@ -442,8 +446,8 @@ class LatencyModel:
         p95 = p50 + self._tail(tails)
         coef = getattr(self, "boundaries_", None)
         if edges and coef is not None:
-            saving = float(boundary_terms(kernels, edges, self.layout) @ coef)
-            saving -= float(domain_counts(kernels, edges, self.layout) @ self.kernel_costs_)
+            terms, counts = _network_terms(kernels, edges, self.layout)
+            saving = float(terms @ coef) - float(counts @ self.kernel_costs_)
             # never let the correction remove more than half the kernels' time (extrapolation guard)
             saving = min(saving, 0.5 * (p50 - over))
             p95, p50 = p95 * (p50 - saving) / p50, p50 - saving
@@ -514,10 +518,10 @@ class LatencyModel:
         rows, target = [], []
         for kernels, edges, p50, io, lone_ms in chains:
             lone = self.predict(kernels, io)[0] if lone_ms is None else self._io_cost(io) + lone_ms
-            counts = domain_counts(kernels, edges, self.layout)
+            terms, counts = _network_terms(kernels, edges, self.layout)
             # a cost is a negative saving; two columns (cost, refund) let non-negative least
             # squares give it either sign
-            rows.append(np.concatenate([boundary_terms(kernels, edges, self.layout), -counts, counts]) / p50)
+            rows.append(np.concatenate([terms, -counts, counts]) / p50)
             target.append((lone - p50) / p50)
         from scipy.optimize import nnls
 

@@ -310,9 +310,9 @@ def probe_nchwc_block() -> int:
     from pathlib import Path
 
     import numpy as np
-    import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from edgeslim.objectives.devices._layout import optimized_graph
 
     w = numpy_helper.from_array(np.ones((3, 8, 3, 3), dtype=np.float32), "w")
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "probe",
@@ -320,13 +320,7 @@ def probe_nchwc_block() -> int:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 16])], [w])
     block = 1
     with tempfile.TemporaryDirectory(prefix="edgeslim-probe-") as tmp:
-        src, opt = Path(tmp) / "conv.onnx", Path(tmp) / "optimized.onnx"
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-        opts = ort.SessionOptions()
-        opts.optimized_model_filepath = str(opt)
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(str(opt)).graph
+        optimized = optimized_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), Path(tmp))
         inits = {i.name: i for i in optimized.initializer}
         for node in optimized.node:
             if node.op_type == "Conv" and node.domain == "com.microsoft.nchwc" and node.input[1] in inits:
