@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from edgeslim.objectives import (OBJECTIVES, Candidate, DataSplits, DeviceProfile, EvalContext, FinetuneConfig,
                                  Objective, evaluate_accuracy, export_onnx, is_label_free, load_device, logits_of,
-                                 teacher_labelled)
+                                 sample_inputs, teacher_labelled)
 from edgeslim.search._budgets import constraint_values
 from edgeslim.search._workloads import Workload, model_hash
 from edgeslim.spaces import CompressionSpace, Plan, RuleSet, SpecError
@@ -29,6 +29,7 @@ __all__ = ["CompressionObjective", "DEFAULT_OBJECTIVES", "DENSE_POLICY", "PRESET
            "ordered_objectives", "score_plan"]
 
 DEFAULT_OBJECTIVES = ("accuracy", "size_bytes", "latency_ms", "energy_mj")
+PRUNING_SAMPLES = 64  # training inputs that rank channels for pruning (one forward pass per pruned group)
 
 # name -> (sparsity, rank ratio, bits): enqueued first so every study holds its own baselines
 PRESETS: dict[str, tuple[float, float, int]] = {
@@ -159,6 +160,9 @@ class CompressionObjective:
     ``device`` is ``"local"`` (latency measured here with ONNX Runtime, ``threads`` threads)
     or a calibrated profile's name or :class:`DeviceProfile` (latency predicted).
     ``channel_multiple`` rounds kept channel counts (0: the device's probed channel block).
+    ``pruning`` chooses the channels a plan removes: ``"activation"`` ranks them by what their
+    removal changes in the layers reading them, over ``PRUNING_SAMPLES`` training inputs, and
+    keeps their mean in those layers' biases; ``"magnitude"`` removes the lowest L1 norms.
 
     Example:
         >>> import optuna
@@ -179,7 +183,7 @@ class CompressionObjective:
                  objectives: Sequence[str] = DEFAULT_OBJECTIVES, finetune: FinetuneConfig | None = None,
                  rules: RuleSet | None = None, budgets: Mapping[str, float] | None = None, seed: int = 0,
                  score_artifact: bool = False, channel_multiple: int = 1, num_classes: int | None = None,
-                 class_names: Sequence[str] = (), description: str = "") -> None:
+                 class_names: Sequence[str] = (), description: str = "", pruning: str = "activation") -> None:
         model.eval()
         if num_classes is None:  # a classifier's logits tell its class count
             with torch.no_grad():
@@ -189,22 +193,22 @@ class CompressionObjective:
                             evaluate_accuracy(model, data)[0], _data_fingerprint(data), model_hash(model))
         profile = device if isinstance(device, DeviceProfile) else load_device(device, threads)
         self._setup(workload, profile, objectives, finetune or FinetuneConfig(), rules, budgets or {}, seed,
-                    score_artifact, channel_multiple)
+                    score_artifact, channel_multiple, pruning)
 
     @classmethod
     def from_workload(cls, workload: Workload, device: DeviceProfile, *, objectives: Sequence[str],
                       finetune: FinetuneConfig, rules: RuleSet | None = None,
                       budgets: Mapping[str, float] | None = None, seed: int = 0, score_artifact: bool = False,
-                      channel_multiple: int = 1) -> CompressionObjective:
+                      channel_multiple: int = 1, pruning: str = "activation") -> CompressionObjective:
         """The objective of a :class:`Workload` the CLI already built (base accuracy evaluated)."""
         self = cls.__new__(cls)
         self._setup(workload, device, objectives, finetune, rules, budgets or {}, seed, score_artifact,
-                    channel_multiple)
+                    channel_multiple, pruning)
         return self
 
     def _setup(self, workload: Workload, device: DeviceProfile, objectives: Sequence[str],
                finetune: FinetuneConfig, rules: RuleSet | None, budgets: Mapping[str, float], seed: int,
-               score_artifact: bool, channel_multiple: int) -> None:
+               score_artifact: bool, channel_multiple: int, pruning: str = "activation") -> None:
         from edgeslim.search._budgets import check_budgets
 
         self.workload = workload
@@ -215,7 +219,14 @@ class CompressionObjective:
         self.budgets = check_budgets(dict(budgets))
         self.seed = seed
         multiple = channel_multiple or device.channel_multiple
-        self.space = CompressionSpace.build(workload.model, workload.example_input, rules, int(multiple))
+        if pruning not in ("activation", "magnitude"):
+            raise SpecError(f"pruning must be 'activation' or 'magnitude', got {pruning!r}")
+        self.pruning = pruning
+        calibration = None
+        if pruning == "activation" and len(workload.data.train):
+            calibration = torch.cat(sample_inputs(workload.data.train, PRUNING_SAMPLES, seed))
+        self.space = CompressionSpace.build(workload.model, workload.example_input, rules, int(multiple),
+                                            calibration=calibration)
         self.distributions = self.space.distributions()
         self._tmp = tempfile.TemporaryDirectory(prefix="edgeslim-")
         self.context = EvalContext(data=workload.data, example_input=workload.example_input, finetune=finetune,
@@ -263,6 +274,9 @@ class CompressionObjective:
             raise SpecError(f"study {study.study_name!r} rounds kept channels to multiples of "
                             f"{attrs['channel_multiple']}, the objective to {self.space.channel_multiple}; "
                             f"pass channel_multiple={attrs['channel_multiple']}")
+        if attrs.get("pruning") not in (None, self.pruning):
+            raise SpecError(f"study {study.study_name!r} chose pruned channels by {attrs['pruning']!r}, the "
+                            f"objective by {self.pruning!r}; pass pruning={attrs['pruning']!r}")
         if not study.metric_names:
             import warnings
 
@@ -271,6 +285,7 @@ class CompressionObjective:
                 study.set_metric_names(self.metric_names)
         for key, value in (("base_model_hash", self.workload.model_hash), ("split_hash", self.workload.split_hash),
                            ("workload", self.workload.description), ("channel_multiple", self.space.channel_multiple),
+                           ("pruning", self.pruning),
                            ("dense_policy", DENSE_POLICY), ("device", self.device.describe()),
                            ("label_free", self.workload.data.label_free)):
             if attrs.get(key) != value:

@@ -130,6 +130,10 @@ class SpaceSpec:
     # pruned groups keep a multiple of this many channels; 0: the target device's probed conv
     # channel block (16 on AVX-512, 8 on AVX2), 1: no rounding
     channel_multiple: int = 1
+    # how pruned channels are chosen: "activation" (what removing them changes in the layers that
+    # read them, over 64 training inputs, their mean kept in those layers' biases) or "magnitude"
+    # (lowest L1 weight norm, no compensation; what studies from before the option did)
+    pruning: str = "activation"
 
     def rule_set(self) -> RuleSet:
         """Resolved rules (exact FQN, then regex, then default)."""
@@ -307,6 +311,9 @@ def _check_values(spec: StudySpec) -> None:
     if spec.space.channel_multiple < 0:
         raise SpecError(f"[space] channel_multiple must be >= 0, got {spec.space.channel_multiple!r}; "
                         "0 rounds to the device's channel block, 1 does not round")
+    if spec.space.pruning not in PRUNING_CRITERIA:
+        raise SpecError(f"[space] pruning must be one of {list(PRUNING_CRITERIA)}, got {spec.space.pruning!r}; "
+                        "'activation' is the default")
     spec.space.rule_set()
     from edgeslim.search._budgets import check_budgets
 
@@ -317,6 +324,7 @@ def _check_values(spec: StudySpec) -> None:
 
 
 # ---- TOML -> dataclasses, with key and type checks --------------------------------------------
+PRUNING_CRITERIA = ("activation", "magnitude")
 _SECTIONS = {"model", "data", "device", "finetune", "space", "budgets", "refine"}
 
 
@@ -450,6 +458,9 @@ def spec_fingerprint(spec: StudySpec) -> str:
             if k in ("objectives", "model", "data", "device", "finetune", "space", "seed")}
     if keep["space"].get("channel_multiple") == 1:  # the default: studies from before the option resume
         del keep["space"]["channel_multiple"]
+    # the study records the criterion it was searched with (user attribute "pruning"), and older
+    # studies resume with theirs, so the spec's value does not make a study a different one
+    keep["space"].pop("pruning", None)
     for key, default in (("norm", "train"), ("dropout", True), ("distill", 0.0), ("temperature", 2.0)):  # likewise
         if keep["finetune"].get(key) == default:
             del keep["finetune"][key]

@@ -80,11 +80,15 @@ def spec_device(spec: StudySpec, devices_dir: Path = DEVICES_DIR) -> DeviceProfi
 def spec_objective(spec: StudySpec, workload: Workload, profile: DeviceProfile,
                    study: optuna.Study | None = None) -> CompressionObjective:
     """The objective a spec describes, on an already built workload. A study keeps the channel
-    multiple it was searched with (user attribute ``channel_multiple``), so export and refine
-    realize its plans as the search did, on any machine."""
+    multiple it was searched with (user attribute ``channel_multiple``) and its pruning criterion
+    (``pruning``; a study from before the option was searched with ``"magnitude"``), so export
+    and refine realize its plans as the search did, on any machine."""
     multiple = study.user_attrs.get("channel_multiple") if study is not None else None
     if multiple is None:
         multiple = spec.space.channel_multiple
+    pruning = spec.space.pruning
+    if study is not None and "base_model_hash" in study.user_attrs:  # a study that has been searched
+        pruning = study.user_attrs.get("pruning", "magnitude")
     names = list(study.metric_names or spec.objectives) if study is not None else list(spec.objectives)
     return CompressionObjective.from_workload(
         workload, profile, objectives=names,
@@ -93,7 +97,7 @@ def spec_objective(spec: StudySpec, workload: Workload, profile: DeviceProfile,
                                 distill=spec.finetune.distill, temperature=spec.finetune.temperature,
                                 device=spec.finetune.device),  # type: ignore[arg-type]
         rules=spec.space.rule_set(), budgets=spec.budgets.active(), seed=spec.seed,
-        score_artifact=spec.finetune.score == "artifact", channel_multiple=int(multiple))
+        score_artifact=spec.finetune.score == "artifact", channel_multiple=int(multiple), pruning=str(pruning))
 
 
 def study_space(spec: StudySpec, workload: Workload, profile: DeviceProfile,

@@ -101,8 +101,11 @@ class CompressionSpace:
 
     def __init__(self, layers: tuple[LayerInfo, ...], groups: tuple[PruneGroup, ...],
                  knobs: tuple[Knob, ...], example_input: torch.Tensor,
-                 excluded: Mapping[str, str], channel_multiple: int = 1) -> None:
+                 excluded: Mapping[str, str], channel_multiple: int = 1,
+                 calibration: torch.Tensor | None = None) -> None:
         self.channel_multiple = channel_multiple
+        self.calibration = calibration
+        self._stats: tuple[nn.Module, dict[str, _InputStats]] | None = None
         self.layers = layers
         self.groups = groups
         self.knobs = knobs
@@ -112,15 +115,24 @@ class CompressionSpace:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def build(cls, model: nn.Module, example_input: torch.Tensor, rules: RuleSet | None = None,
-              channel_multiple: int = 1) -> CompressionSpace:
+              channel_multiple: int = 1, calibration: torch.Tensor | None = None) -> CompressionSpace:
         """Inventory ``model``, find coupled pruning groups with torch-pruning, apply ``rules``.
 
         Layers that cannot be pruned safely are left out of the sparsity space with a warning
         naming them; they keep their rank and bits knobs. With ``channel_multiple`` > 1 pruned
         groups keep a multiple of that many channels (see :func:`pruned_count`), and sparsity
         choices that would keep the same count are merged into the smallest of them.
+        ``calibration`` (a batch of real inputs, e.g. 64 training samples) makes pruning
+        data-aware: channels are ranked by what their removal changes in the layers that read
+        them, and the removed channels' mean contribution is kept in those layers' biases (see
+        :meth:`realize`). Without it channels are ranked by weight magnitude (L1).
         Raises :class:`SpaceError` when nothing is left to search.
         """
+        if calibration is not None and (calibration.dim() != example_input.dim()
+                                        or calibration.shape[1:] != example_input.shape[1:]):
+            raise SpaceError(f"calibration batch shape {tuple(calibration.shape)} does not match the example "
+                             f"input {tuple(example_input.shape)} beyond the batch dimension; pass a batch of "
+                             "inputs shaped like the example")
         rules = rules or RuleSet()
         layers = tuple(inventory(model, example_input))
         if not layers:
@@ -177,7 +189,7 @@ class CompressionSpace:
                           f"{', ...' if len(names) > 3 else ''}): its forward does more than the plain op there "
                           "(e.g. padding computed in forward), which two factor layers would drop; their sparsity "
                           "and bits knobs stay", stacklevel=2)
-        space = cls(layers, groups, tuple(knobs), example_input, excluded, channel_multiple)
+        space = cls(layers, groups, tuple(knobs), example_input, excluded, channel_multiple, calibration)
         if not space.distributions():
             raise SpaceError(
                 "nothing to search: every layer is frozen or has a single allowed value; "
@@ -267,7 +279,9 @@ class CompressionSpace:
     def realize(self, base: nn.Module, plan: Plan, reduce_range: bool = False) -> nn.Module:
         """A new module implementing ``plan`` on ``base``; ``base`` is never modified.
 
-        Order: prune coupled channels (physically, with torch-pruning), factorize the pruned
+        Order: prune coupled channels (physically, with torch-pruning; with a calibration batch
+        the channels that change the next layers' outputs least go first, and the next layers'
+        biases absorb the removed channels' mean), factorize the pruned
         weights by truncated SVD, then wrap quantized layers with fake quantization (7-bit int8
         weight levels with ``reduce_range``, for runtimes that need them). The BatchNorm that
         follows a quantized conv moves into its wrapper and stays live: fine-tuning
@@ -278,7 +292,7 @@ class CompressionSpace:
         self.check(plan)
         model = copy.deepcopy(base).eval()
         if any(s > 0 for _, s in plan.groups):
-            _prune_(model, self, plan)
+            _prune_(model, self, plan, self._input_stats(base))
         quantized = {name for name, lp in plan.layers if lp.bits < 32}
         norms = _detach_batchnorm_(model, quantized) if quantized else {}
         for name, lp in plan.layers:
@@ -302,6 +316,16 @@ class CompressionSpace:
         if quantized:
             link_quantizers_(model)
         return model
+
+    def _input_stats(self, base: nn.Module) -> dict[str, _InputStats] | None:
+        # one forward pass of the calibration batch per base model, reused by every realize (taken
+        # again before each pruned group it cost 134 s per EfficientNet-Lite0 plan on 2 cores and
+        # changed uniform pruning's agreement on digits-resnet by 0.02)
+        if self.calibration is None:
+            return None
+        if self._stats is None or self._stats[0] is not base:
+            self._stats = (base, _record_input_stats(base, self.calibration))
+        return dict(self._stats[1])  # _prune_ replaces entries, never edits the cached tensors
 
 
 _GRID_KEEPING = (nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten)  # values stay on their int8 grid
@@ -516,10 +540,124 @@ def _drop_unsafe(model: nn.Module, example: torch.Tensor, groups: list[PruneGrou
     return kept
 
 
-def _prune_(model: nn.Module, space: CompressionSpace, plan: Plan) -> None:
-    """Remove channels in place with torch-pruning's dependency graph (lowest L1 norm first)."""
+@dataclasses.dataclass(frozen=True)
+class _InputStats:
+    """What a conv/linear layer reads, over a calibration batch: the mean input (per channel and
+    position for convs, per feature for linears) and each channel's mean square."""
+
+    mean: torch.Tensor  # (C, *spatial) for convs, (F,) for linears
+    square: torch.Tensor  # (C,) or (F,)
+
+    def variance(self) -> torch.Tensor:
+        m = self.mean.reshape(self.mean.shape[0], -1).mean(1)
+        return (self.square - m * m).clamp_min(0.0)
+
+    def without(self, idxs: list[int]) -> _InputStats:
+        keep = torch.ones(self.mean.shape[0], dtype=torch.bool)
+        keep[idxs] = False
+        return _InputStats(self.mean[keep], self.square[keep])
+
+
+def _record_input_stats(model: nn.Module, inputs: torch.Tensor, batch: int = 16) -> dict[str, _InputStats]:
+    """Input statistics of every conv/linear layer of ``model`` over ``inputs`` (eval mode)."""
+    sums: dict[str, list[torch.Tensor]] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str, linear: bool) -> Any:
+        def record(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().float()
+            if linear:
+                x = x.reshape(-1, x.shape[-1])
+                mean, square, n = x.sum(0), (x * x).sum(0), x.shape[0]
+            else:
+                mean, n = x.sum(0), x.shape[0]
+                square = (x * x).transpose(0, 1).reshape(x.shape[1], -1).sum(1) / math.prod(x.shape[2:])
+            if name in sums:
+                sums[name][0] += mean
+                sums[name][1] += square
+            else:
+                sums[name] = [mean, square]
+            counts[name] = counts.get(name, 0) + n
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n, isinstance(m, nn.Linear)))
+               for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE_TYPES)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch):
+                model(inputs[start:start + batch])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: _InputStats(m / counts[n], sq / counts[n]) for n, (m, sq) in sums.items()}
+
+
+def _reads_channels(item: Any) -> bool:
+    """Whether a pruning-group item removes input channels of a layer that sums over them."""
+    m = item.dep.target.module
+    if "in_channels" not in getattr(item.dep.handler, "__name__", ""):
+        return False
+    return isinstance(m, nn.Linear) or (isinstance(m, COMPRESSIBLE_TYPES) and getattr(m, "groups", 1) == 1)
+
+
+def _output_importance(group: Any, stats: Mapping[str, _InputStats], names: Mapping[nn.Module, str],
+                       channels: int) -> torch.Tensor | None:
+    """Per channel of ``group``: the variance its removal adds to the outputs of the layers that
+    read it, once its mean is compensated (input variance x squared weight norm, summed)."""
+    score = torch.zeros(channels)
+    found = False
+    for item in group:
+        if not _reads_channels(item):
+            continue
+        m, st = item.dep.target.module, stats.get(names.get(item.dep.target.module, ""))
+        if st is None or st.mean.shape[0] != m.weight.shape[1]:
+            continue
+        w = m.weight.detach().float().transpose(0, 1).reshape(m.weight.shape[1], -1)
+        contribution = st.variance() * (w * w).sum(1)
+        idxs, roots = torch.as_tensor(item.idxs), torch.as_tensor(item.root_idxs)
+        score.index_add_(0, roots, contribution[idxs])
+        found = True
+    return score if found else None
+
+
+def _compensate_(group: Any, stats: dict[str, _InputStats], names: Mapping[nn.Module, str]) -> None:
+    """Move the removed channels' mean contribution into the biases of the layers reading them,
+    then forget those channels in the statistics (indices shift once the group is pruned)."""
+    for item in group:
+        if not _reads_channels(item):
+            continue
+        m, name = item.dep.target.module, names.get(item.dep.target.module, "")
+        st = stats.get(name)
+        if st is None or st.mean.shape[0] != m.weight.shape[1]:
+            continue
+        removed = torch.zeros_like(st.mean)
+        removed[item.idxs] = st.mean[item.idxs]
+        with torch.no_grad():
+            # the layer is linear in its input: f(x) - f(0) is its weight applied to x, with the
+            # layer's own padding, stride and groups (a conv's edge positions see fewer taps)
+            shift = m(removed.unsqueeze(0)) - m(torch.zeros_like(removed).unsqueeze(0))
+            shift = shift.reshape(shift.shape[0], shift.shape[1], -1).mean((0, 2)) if shift.dim() > 2 else shift[0]
+            if m.bias is None:
+                m.bias = nn.Parameter(shift.to(m.weight.dtype))
+            else:
+                m.bias.add_(shift.to(m.bias.dtype))
+        stats[name] = st.without(list(item.idxs))
+
+
+def _prune_(model: nn.Module, space: CompressionSpace, plan: Plan,
+            stats: dict[str, _InputStats] | None = None) -> None:
+    """Remove channels in place with torch-pruning's dependency graph.
+
+    With ``stats`` (the dense network's, see :func:`_record_input_stats`) the channels whose
+    removal changes the reading layers' outputs least go first and their mean is compensated in
+    those layers' biases; without, the lowest L1 weight norm goes first.
+    """
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=space.example_input, verbose=False)
     importance = tp.importance.GroupMagnitudeImportance(p=1)
+    names = {m: n for n, m in model.named_modules()}
     for g in space.groups:
         s = plan.sparsity_of(g.name)
         n = pruned_count(g.channels, s, space.channel_multiple)
@@ -528,6 +666,11 @@ def _prune_(model: nn.Module, space: CompressionSpace, plan: Plan) -> None:
         root = model.get_submodule(g.root)
         fn = dg.get_pruner_of_module(root).prune_out_channels
         full = dg.get_pruning_group(root, fn, list(range(g.channels)))
-        scores = importance(full)
+        scores = _output_importance(full, stats, names, g.channels) if stats is not None else None
+        if scores is None:
+            scores = importance(full)
         idxs = torch.argsort(scores)[:n].tolist()
-        dg.get_pruning_group(root, fn, idxs).prune()
+        group = dg.get_pruning_group(root, fn, idxs)
+        if stats is not None:
+            _compensate_(group, stats, names)
+        group.prune()

@@ -153,7 +153,8 @@ def test_objective_conformance(cls, tiny, example, ctx):
         assert 0.0 <= values[0] <= 1.0 and values[0] == values[1]  # deterministic for a seed
         assert len(cand.metrics["per_class_accuracy"]) == 10
     elif cls is LatencyObjective:
-        assert values[0] > 0 and cand.metrics["latency_p95_ms"] >= values[0]
+        # the last evaluation's own p95 (the first one's p50 may sit in another speed state of a shared VM)
+        assert values[1] > 0 and cand.metrics["latency_p95_ms"] >= values[1]
         assert "measured" in cand.metrics["latency_method"]
     else:
         assert values[0] == values[1]

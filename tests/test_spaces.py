@@ -229,3 +229,78 @@ def test_channel_multiple_in_the_spec():
     assert '"channel_multiple": 0' in spec_fingerprint(spec)
     with pytest.raises(SpecError, match="channel_multiple must be >= 0, got -1"):
         demo_spec().replace(space=SpaceSpec(channel_multiple=-1))
+
+
+def _constant_unit_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():  # unit 0 has the largest weights but always outputs 5: no information
+        m[0].weight[0] = 3.0
+        m[0].weight[0, 1:] = 0.0
+        m[0].bias[0] = 5.0
+        m[0].bias[1:] = 10.0  # the others never clip at zero: each carries information
+        m[2].weight[:, 0] = 1.0
+    return m.eval()
+
+
+def test_activation_pruning_removes_a_constant_unit_without_changing_outputs():
+    m = _constant_unit_mlp()
+    x = torch.randn(64, 4)
+    x[:, 0] = 0.0  # unit 0 reads input 0 only, so it is the constant 5 on these inputs
+    aware = CompressionSpace.build(m, x[:1], calibration=x)
+    plain = CompressionSpace.build(m, x[:1])
+    plan = Plan.from_dicts({"0": 0.125}, {})  # one of the eight hidden units
+    pruned = aware.realize(m, plan)
+    assert pruned[0].out_features == 7 and pruned[2].in_features == 7
+    # the constant unit goes (its removal changes nothing once its mean moves into the bias)
+    torch.testing.assert_close(pruned(x), m(x), atol=1e-5, rtol=0)
+    # magnitude pruning keeps it (largest weights) and removes an informative unit instead
+    assert (plain.realize(m, plan)(x) - m(x)).abs().max() > 1e-2
+
+
+def test_activation_pruning_keeps_the_next_layers_mean_output():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1, bias=False),
+                      nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4)).eval()
+    x = torch.randn(32, 3, 6, 6)
+    space = CompressionSpace.build(m, x[:1], calibration=x)
+    pruned = space.realize(m, Plan.from_dicts({"0": 0.5}, {}))
+    assert pruned[2].in_channels == 4 and pruned[2].bias is not None  # the compensation's bias
+    with torch.no_grad():  # the conv is linear: its mean output over the batch is kept exactly,
+        before, after = m[:3](x), pruned[:3](x)  # zero padding included
+    torch.testing.assert_close(after.mean((0, 2, 3)), before.mean((0, 2, 3)), atol=1e-5, rtol=0)
+    assert m[2].bias is None  # the base model is never modified
+
+
+def test_calibration_batch_must_match_the_example_input():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(SpaceError, match=r"calibration batch shape \(16, 5\)"):
+        CompressionSpace.build(m, torch.zeros(1, 4), calibration=torch.zeros(16, 5))
+
+
+def test_pruning_criterion_in_the_spec_and_the_study(digits_cnn):
+    import optuna
+
+    from edgeslim.search import demo_spec
+    from edgeslim.search._spec import SpaceSpec, spec_fingerprint
+    from edgeslim.search._study import spec_device, spec_objective
+
+    spec = demo_spec()
+    assert spec.space.pruning == "activation"
+    assert "pruning" not in spec_fingerprint(spec)  # studies from before the option still resume
+    with pytest.raises(SpecError, match="pruning must be one of .* got 'l2'"):
+        spec.replace(space=SpaceSpec(pruning="l2"))
+    profile = spec_device(spec)
+    fresh = spec_objective(spec, digits_cnn, profile)
+    assert fresh.pruning == "activation" and fresh.space.calibration.shape[0] == 64
+    study = optuna.create_study(directions=fresh.directions)
+    fresh.enqueue_baselines(study)
+    assert study.user_attrs["pruning"] == "activation"
+    # a study searched before the option (no "pruning" attribute) realizes its plans as it was searched
+    old = optuna.create_study(directions=fresh.directions)
+    old.set_user_attr("base_model_hash", digits_cnn.model_hash)
+    assert spec_objective(spec, digits_cnn, profile, old).space.calibration is None
+    magnitude = spec_objective(spec.replace(space=dataclasses.replace(spec.space, pruning="magnitude")),
+                               digits_cnn, profile)
+    with pytest.raises(SpecError, match="chose pruned channels by 'activation'.*pass pruning='activation'"):
+        magnitude.enqueue_baselines(study)
