@@ -29,7 +29,7 @@ __all__ = ["CompressionObjective", "DEFAULT_OBJECTIVES", "DENSE_POLICY", "PRESET
            "ordered_objectives", "score_plan"]
 
 DEFAULT_OBJECTIVES = ("accuracy", "size_bytes", "latency_ms", "energy_mj")
-PRUNING_SAMPLES = 64  # training inputs that rank channels for pruning (one forward pass per pruned group)
+PRUNING_SAMPLES = 64  # training inputs that rank channels for pruning (one forward pass per study)
 
 # name -> (sparsity, rank ratio, bits): enqueued first so every study holds its own baselines
 PRESETS: dict[str, tuple[float, float, int]] = {

@@ -320,7 +320,9 @@ class CompressionSpace:
     def _layer_stats(self, base: nn.Module) -> dict[str, _LayerStats] | None:
         # one forward pass of the calibration batch per base model, reused by every realize (taken
         # again before each pruned group it cost 134 s per EfficientNet-Lite0 plan on 2 cores and
-        # changed uniform pruning's agreement on digits-resnet by 0.02)
+        # changed uniform pruning's agreement on digits-resnet by 0.02; bringing every layer's
+        # output mean back to dense after pruning lowered Lite0's single-group agreement from
+        # 0.916 to 0.878 on average: see studies/BENCHMARKS.md)
         if self.calibration is None:
             return None
         if self._stats is None or self._stats[0] is not base:

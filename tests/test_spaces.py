@@ -304,3 +304,4 @@ def test_pruning_criterion_in_the_spec_and_the_study(digits_cnn):
                                digits_cnn, profile)
     with pytest.raises(SpecError, match="chose pruned channels by 'activation'.*pass pruning='activation'"):
         magnitude.enqueue_baselines(study)
+
