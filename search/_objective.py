@@ -30,6 +30,7 @@ __all__ = ["CompressionObjective", "DEFAULT_OBJECTIVES", "DENSE_POLICY", "PRESET
 
 DEFAULT_OBJECTIVES = ("accuracy", "size_bytes", "latency_ms", "energy_mj")
 PRUNING_SAMPLES = 64  # training inputs that rank channels for pruning (one forward pass per study)
+PRUNING_CRITERIA = ("activation", "magnitude")
 
 # name -> (sparsity, rank ratio, bits): enqueued first so every study holds its own baselines
 PRESETS: dict[str, tuple[float, float, int]] = {
@@ -208,7 +209,7 @@ class CompressionObjective:
 
     def _setup(self, workload: Workload, device: DeviceProfile, objectives: Sequence[str],
                finetune: FinetuneConfig, rules: RuleSet | None, budgets: Mapping[str, float], seed: int,
-               score_artifact: bool, channel_multiple: int, pruning: str = "activation") -> None:
+               score_artifact: bool, channel_multiple: int, pruning: str) -> None:
         from edgeslim.search._budgets import check_budgets
 
         self.workload = workload
@@ -219,8 +220,8 @@ class CompressionObjective:
         self.budgets = check_budgets(dict(budgets))
         self.seed = seed
         multiple = channel_multiple or device.channel_multiple
-        if pruning not in ("activation", "magnitude"):
-            raise SpecError(f"pruning must be 'activation' or 'magnitude', got {pruning!r}")
+        if pruning not in PRUNING_CRITERIA:
+            raise SpecError(f"pruning must be one of {list(PRUNING_CRITERIA)}, got {pruning!r}")
         self.pruning = pruning
         calibration = None
         if pruning == "activation" and len(workload.data.train):

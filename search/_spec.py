@@ -311,6 +311,8 @@ def _check_values(spec: StudySpec) -> None:
     if spec.space.channel_multiple < 0:
         raise SpecError(f"[space] channel_multiple must be >= 0, got {spec.space.channel_multiple!r}; "
                         "0 rounds to the device's channel block, 1 does not round")
+    from edgeslim.search._objective import PRUNING_CRITERIA
+
     if spec.space.pruning not in PRUNING_CRITERIA:
         raise SpecError(f"[space] pruning must be one of {list(PRUNING_CRITERIA)}, got {spec.space.pruning!r}; "
                         "'activation' is the default")
@@ -324,7 +326,6 @@ def _check_values(spec: StudySpec) -> None:
 
 
 # ---- TOML -> dataclasses, with key and type checks --------------------------------------------
-PRUNING_CRITERIA = ("activation", "magnitude")
 _SECTIONS = {"model", "data", "device", "finetune", "space", "budgets", "refine"}
 
 

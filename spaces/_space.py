@@ -568,7 +568,7 @@ class _LayerStats:
 
 
 def _record_layer_stats(model: nn.Module, inputs: torch.Tensor, batch: int = 16) -> dict[str, _LayerStats]:
-    """Input statistics of every conv/linear layer of ``model`` over ``inputs`` (eval mode)."""
+    """Input and output statistics of every conv/linear layer of ``model`` over ``inputs`` (eval mode)."""
     sums: dict[str, list[torch.Tensor]] = {}
     counts: dict[str, int] = {}
 
@@ -578,15 +578,15 @@ def _record_layer_stats(model: nn.Module, inputs: torch.Tensor, batch: int = 16)
 
     def hook(name: str, linear: bool) -> Any:
         def record(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            x = args[0].detach().float()
-            if linear:
-                x = x.reshape(-1, x.shape[-1])
-                mean, square, n = x.sum(0), (x * x).sum(0), x.shape[0]
-            else:
-                mean, n = x.sum(0), x.shape[0]
-                square = (x * x).transpose(0, 1).reshape(x.shape[1], -1).sum(1) / math.prod(x.shape[2:])
-            y = channels_last(out, linear)
-            parts = [mean, square, y.sum(0) * n / len(y), (y * y).sum(0) * n / len(y)]
+            xs, y = channels_last(args[0], linear), channels_last(out, linear)
+            # a linear's samples are its rows; a conv's are its batch items (positions averaged)
+            n = len(xs) if linear else args[0].shape[0]
+            mean = xs.sum(0) if linear else args[0].detach().float().sum(0)  # a conv's per position
+
+            def per_sample(t: torch.Tensor) -> torch.Tensor:
+                return t.sum(0) * n / len(t)
+
+            parts = [mean, per_sample(xs * xs), per_sample(y), per_sample(y * y)]
             if name in sums:
                 for acc, part in zip(sums[name], parts):
                     acc += part
@@ -622,6 +622,20 @@ def _reads_channels(item: Any) -> bool:
     return isinstance(m, nn.Linear) or (isinstance(m, COMPRESSIBLE_TYPES) and getattr(m, "groups", 1) == 1)
 
 
+def _reader(item: Any, stats: Mapping[str, _LayerStats], names: Mapping[nn.Module, str]
+            ) -> tuple[nn.Module, str, _LayerStats] | None:
+    """The layer a group item removes input channels of, its name and statistics (None when the
+    item is not such a reader, or its statistics no longer line up with its weight)."""
+    if not _reads_channels(item):
+        return None
+    m = item.dep.target.module
+    name = names.get(m, "")
+    st = stats.get(name)
+    if st is None or st.mean.shape[0] != m.weight.shape[1]:
+        return None
+    return m, name, st
+
+
 def _output_importance(group: Any, stats: Mapping[str, _LayerStats], names: Mapping[nn.Module, str],
                        channels: int) -> torch.Tensor | None:
     """Per channel of ``group``: the variance its removal adds to the outputs of the layers that
@@ -630,11 +644,10 @@ def _output_importance(group: Any, stats: Mapping[str, _LayerStats], names: Mapp
     score = torch.zeros(channels)
     found = False
     for item in group:
-        if not _reads_channels(item):
+        reader = _reader(item, stats, names)
+        if reader is None:
             continue
-        m, st = item.dep.target.module, stats.get(names.get(item.dep.target.module, ""))
-        if st is None or st.mean.shape[0] != m.weight.shape[1]:
-            continue
+        m, _, st = reader
         w = m.weight.detach().float()
         w2 = (w * w).reshape(w.shape[0], w.shape[1], -1).sum(2)  # (out, in)
         if st.out_variance.shape[0] == w.shape[0]:
@@ -650,16 +663,16 @@ def _compensate_(group: Any, stats: dict[str, _LayerStats], names: Mapping[nn.Mo
     """Move the removed channels' mean contribution into the biases of the layers reading them,
     then forget those channels in the statistics (indices shift once the group is pruned)."""
     for item in group:
-        m, name = item.dep.target.module, names.get(item.dep.target.module, "")
-        st = stats.get(name)
+        name = names.get(item.dep.target.module, "")
+        st = stats.get(name)  # statistics exist for conv/linear layers only: each has a weight
         if (st is not None and "out_channels" in getattr(item.dep.handler, "__name__", "")
-                and st.out_variance.shape[0] == getattr(m, "weight", st.mean).shape[0]):
+                and st.out_variance.shape[0] == item.dep.target.module.weight.shape[0]):
             stats[name] = st.without_outputs(list(item.idxs))
             continue
-        if not _reads_channels(item):
+        reader = _reader(item, stats, names)
+        if reader is None:
             continue
-        if st is None or st.mean.shape[0] != m.weight.shape[1]:
-            continue
+        m, name, st = reader
         removed = torch.zeros_like(st.mean)
         removed[item.idxs] = st.mean[item.idxs]
         with torch.no_grad():
