@@ -15,7 +15,8 @@ from edgeslim.search._registry import BUILTIN_WORKLOADS, SAMPLERS
 from edgeslim.spaces import LayerRule, RuleSet, SpaceError, SpecError
 
 __all__ = [
-    "BudgetsSpec", "DataSpec", "DeviceSpec", "FinetuneSpec", "ModelSpec", "SpaceSpec", "StudySpec",
+    "BudgetsSpec", "DataSpec", "DeviceSpec", "FinetuneSpec", "ModelSpec", "RefineSpec", "RuleSpec", "SpaceSpec",
+    "StudySpec",
     "load_spec", "parse_spec", "demo_spec", "spec_from_dict",
 ]
 

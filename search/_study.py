@@ -73,7 +73,13 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 def spec_device(spec: StudySpec, devices_dir: Path = DEVICES_DIR) -> DeviceProfile:
     """The device profile a spec names; ``[device] threads`` applies to ``local`` only, since a
-    calibrated profile carries the thread count it was measured with."""
+    calibrated profile carries the thread count it was measured with.
+
+    Example:
+        >>> from edgeslim.search import demo_spec
+        >>> spec_device(demo_spec()).name
+        'local'
+    """
     return load_device(spec.device.name, spec.device.threads if spec.device.name == "local" else None, devices_dir)
 
 
@@ -82,7 +88,15 @@ def spec_objective(spec: StudySpec, workload: Workload, profile: DeviceProfile,
     """The objective a spec describes, on an already built workload. A study keeps the channel
     multiple it was searched with (user attribute ``channel_multiple``) and its pruning criterion
     (``pruning``; a study from before the option was searched with ``"magnitude"``), so export
-    and refine realize its plans as the search did, on any machine."""
+    and refine realize its plans as the search did, on any machine.
+
+    Example:
+        >>> from edgeslim.search import demo_spec, load_workload
+        >>> spec = demo_spec()
+        >>> workload = load_workload(spec, spec.output_dir, log=lambda m: None)  # doctest: +SKIP
+        >>> spec_objective(spec, workload, spec_device(spec)).metric_names  # doctest: +SKIP
+        ['accuracy', 'size_bytes', 'latency_ms', 'energy_mj']
+    """
     multiple = study.user_attrs.get("channel_multiple") if study is not None else None
     if multiple is None:
         multiple = spec.space.channel_multiple

@@ -43,7 +43,7 @@ def main() -> None:
     from edgeslim.search import (SLO, NoFitError, all_records, demo_spec, export_variant, load_spec, refine_study,
                                  run_search, select)
     from edgeslim.objectives.devices import device_facts
-    from edgeslim.search._spec import DataSpec, DeviceSpec, FinetuneSpec, ModelSpec, RuleSpec, SpaceSpec
+    from edgeslim.search import DataSpec, DeviceSpec, FinetuneSpec, ModelSpec, RuleSpec, SpaceSpec
 
     here = Path(__file__).parent
     tv_label = f"{args.torchvision} (torchvision, 3x32x32)"
@@ -52,7 +52,7 @@ def main() -> None:
         tv_label: demo_spec().replace(
             name=f"digits-{args.torchvision}",
             model=ModelSpec(torchvision=args.torchvision, num_classes=10, input_shape=[3, 32, 32], train_epochs=15),
-            data=DataSpec(factory="edgeslim.search._workloads:digits_rgb32"),
+            data=DataSpec(factory="edgeslim.search:digits_rgb32"),
             finetune=FinetuneSpec(steps=args.tv_finetune_steps, lr=2e-3, batch_size=32),
             # a deep network from scratch: moderate sparsity, rank only halved, int8 or fp32
             space=SpaceSpec(rules={"_default": RuleSpec(sparsity=[float(v) for v in args.tv_sparsity.split(",")],

@@ -23,7 +23,7 @@ def main() -> None:
 
     from edgeslim.objectives import load_device
     from edgeslim.objectives.devices import extract_graph, io_bytes
-    from edgeslim.search._check import VALIDATION_WORKLOADS
+    from edgeslim.search import VALIDATION_WORKLOADS
 
     profile = load_device(args.device, devices_dir=Path(args.devices_dir))
     model = profile.latency_model

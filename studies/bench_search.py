@@ -75,10 +75,8 @@ def main() -> None:
     import torch
 
     from edgeslim.objectives import Candidate
-    from edgeslim.search import (demo_spec, load_profile, load_spec, load_workload, make_sampler, optimize_seeded,
-                                 surrogate_quality)
-    from edgeslim.search._spec import DeviceSpec
-    from edgeslim.search._study import spec_device, spec_objective
+    from edgeslim.search import (DeviceSpec, demo_spec, load_profile, load_spec, load_workload, make_sampler,
+                                 optimize_seeded, spec_device, spec_objective, surrogate_quality)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore")

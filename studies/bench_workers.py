@@ -61,7 +61,7 @@ PROBE = r"""
 import json, os, sys, time, warnings
 warnings.simplefilter("ignore")  # heartbeats outside Study.optimize: this loop is only a load generator
 import optuna
-from edgeslim.search._storage import open_storage
+from edgeslim.search import open_storage
 url, name, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 storage = open_storage(url, 60)
@@ -83,7 +83,7 @@ print(n)
 def probe_capacity(url: str, clients: int, seconds: float, out: Path) -> dict[str, float]:
     """Trials per second the storage serves to ``clients`` processes doing nothing but storage work."""
     sys.path.insert(0, str(HERE.parent))
-    from edgeslim.search._storage import open_storage
+    from edgeslim.search import open_storage
 
     name = f"probe-{uuid.uuid4().hex[:8]}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
